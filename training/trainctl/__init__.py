@@ -1,0 +1,1 @@
+"""trainctl: CLI, on-instance agent and checkpoint library."""
