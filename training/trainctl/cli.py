@@ -1,2 +1,39 @@
+"""`trainctl`: the command line (typer + rich).
+
+Each command family lives in its own module and registers itself here, so this file stays
+a table of contents. The on-instance commands (`agent`, `checkpoint-now`) keep their own
+argparse parsers because they run under user data / SSM with raw argument lists, which
+are passed through untouched.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from trainctl.agent.cli import agent_main, checkpoint_now_main
+
+app = typer.Typer(
+    name="trainctl",
+    help="Keep ML training jobs on EC2 Spot alive through interruptions.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=_PASSTHROUGH, add_help_option=False)
+def agent(ctx: typer.Context) -> None:
+    """Run a training command under the trainctl agent (on the instance): `trainctl agent -- CMD`."""
+    raise typer.Exit(agent_main(ctx.args))
+
+
+@app.command("checkpoint-now", context_settings=_PASSTHROUGH, add_help_option=False)
+def checkpoint_now(ctx: typer.Context) -> None:
+    """Ask the local agent for a durable checkpoint now (what the SSM document runs)."""
+    raise typer.Exit(checkpoint_now_main(ctx.args))
+
+
 def main() -> None:
-    raise SystemExit("trainctl CLI: not built yet")
+    app()

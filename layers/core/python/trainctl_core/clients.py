@@ -8,7 +8,7 @@ pointing a process at moto needs no trainctl-specific setting.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import boto3
@@ -23,10 +23,11 @@ _CONFIG = Config(
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def client(service: str, region_name: str | None = None) -> Any:
     """A cached boto3 client for `service` (one per service and region per process)."""
-    return boto3.session.Session().client(service, region_name=region_name, config=_CONFIG)
+    # The service name is dynamic here; call sites annotate the client type they expect.
+    return boto3.session.Session().client(service, region_name=region_name, config=_CONFIG)  # type: ignore[call-overload]
 
 
 def reset() -> None:

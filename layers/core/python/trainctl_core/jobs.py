@@ -10,7 +10,7 @@ writers racing on the same job can never both win.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -231,7 +231,7 @@ class Job(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _running_has_instance(self) -> "Job":
+    def _running_has_instance(self) -> Job:
         if self.status in (JobStatus.RUNNING, JobStatus.INTERRUPTED) and not self.instance_id:
             raise ValueError(f"a {self.status} job must name its instance")
         return self
@@ -400,4 +400,9 @@ def new_job(job_id: str, spec: JobSpec, now: datetime | None = None) -> Job:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 with a `Z`, as Step Functions' timestamp comparisons require."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

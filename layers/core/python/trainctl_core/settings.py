@@ -7,8 +7,8 @@ that sets a variable and the code that reads it cannot drift apart.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -49,16 +49,16 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, populate_by_name=True)
 
-    jobs_table: str = Field(alias=ENV_JOBS_TABLE, min_length=1)
-    idempotency_table: str = Field(alias=ENV_IDEMPOTENCY_TABLE, min_length=1)
-    checkpoint_document: str = Field(alias=ENV_CHECKPOINT_DOCUMENT, min_length=1)
-    resume_state_machine_arn: str = Field(alias=ENV_RESUME_STATE_MACHINE_ARN, min_length=1)
-    notice_seconds: int = Field(alias=ENV_NOTICE_SECONDS, default=SPOT_NOTICE_SECONDS, gt=0)
+    jobs_table: str = Field(validation_alias=ENV_JOBS_TABLE, min_length=1)
+    idempotency_table: str = Field(validation_alias=ENV_IDEMPOTENCY_TABLE, min_length=1)
+    checkpoint_document: str = Field(validation_alias=ENV_CHECKPOINT_DOCUMENT, min_length=1)
+    resume_state_machine_arn: str = Field(validation_alias=ENV_RESUME_STATE_MACHINE_ARN, min_length=1)
+    notice_seconds: int = Field(validation_alias=ENV_NOTICE_SECONDS, default=SPOT_NOTICE_SECONDS, gt=0)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        names = [f.alias for f in cls.model_fields.values() if f.alias]
+        names = [str(f.validation_alias) for f in cls.model_fields.values() if f.validation_alias]
         try:
             return cls.model_validate({k: env[k] for k in names if k in env})
         except ValidationError as exc:

@@ -9,16 +9,17 @@ a control-plane transition fail.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum
-from typing import Any, Iterator
+from typing import Any, cast
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
-from trainctl_core.jobs import CheckpointRef, Job, JobError, Transition
+from trainctl_core.jobs import CheckpointRef, Job, JobError, Transition, format_time
 from trainctl_core.settings import (
     JOBS_BY_INSTANCE_INDEX,
     JOBS_INSTANCE_ATTRIBUTE,
@@ -53,9 +54,7 @@ class Superseded(JobError):
     """A fenced write from an instance/attempt that is no longer the job's current one."""
 
     def __init__(self, job_id: str, instance_id: str, attempt: int, current: Job | None) -> None:
-        super().__init__(
-            f"job {job_id}: instance {instance_id} attempt {attempt} is no longer current"
-        )
+        super().__init__(f"job {job_id}: instance {instance_id} attempt {attempt} is no longer current")
         self.job_id, self.instance_id, self.attempt, self.current = (
             job_id,
             instance_id,
@@ -68,14 +67,9 @@ def job_key(job_id: str) -> dict[str, Any]:
     return {JOBS_PARTITION_KEY: {"S": f"JOB#{job_id}"}}
 
 
-def format_time(moment: datetime) -> str:
-    """RFC 3339 with a `Z`, as Step Functions' timestamp comparisons require."""
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def to_attribute(value: Any) -> dict[str, Any]:
     """Serialise a domain value (models, datetimes, enums, floats) to a DynamoDB attribute."""
-    return _serializer.serialize(_plain(value))
+    return cast(dict[str, Any], _serializer.serialize(_plain(value)))
 
 
 def _plain(value: Any) -> Any:
@@ -148,12 +142,13 @@ class JobStore:
             TableName=self._table,
             IndexName=JOBS_BY_INSTANCE_INDEX,
             KeyConditionExpression="#i = :i",
-            ExpressionAttributeNames={"#i": JOBS_INSTANCE_ATTRIBUTE},
+            ExpressionAttributeNames={"#i": JOBS_INSTANCE_ATTRIBUTE, "#pk": JOBS_PARTITION_KEY},
             ExpressionAttributeValues={":i": {"S": instance_id}},
-            ProjectionExpression="job_id",
+            # The index projects keys only (cheap to keep): the base key names the job.
+            ProjectionExpression="#pk",
         )
         for item in response.get("Items", []):
-            job = self.get(item["job_id"]["S"])
+            job = self.get(item[JOBS_PARTITION_KEY]["S"].removeprefix("JOB#"))
             if job.instance_id == instance_id:
                 return job
         return None
@@ -188,7 +183,6 @@ class JobStore:
             ":expected_version": {"N": str(transition.expected_version)},
             ":expected_status": {"S": transition.expected_status.value},
             ":next_version": {"N": str(transition.expected_version + 1)},
-            ":empty": {"L": []},
         }
         sets = ["#version = :next_version"]
         for index, (name, value) in enumerate(transition.changes.items()):
@@ -198,6 +192,8 @@ class JobStore:
             values[f":c{index}"] = to_attribute(value)
             sets.append(f"#c{index} = :c{index}")
         removes = [f"#c{i}" for i, v in enumerate(transition.changes.values()) if v is None]
+        if transition.append:
+            values[":empty"] = {"L": []}
         for index, (name, items) in enumerate(transition.append.items()):
             names[f"#a{index}"] = name
             values[f":a{index}"] = to_attribute(list(items))
@@ -251,7 +247,7 @@ class JobStore:
             instance_id=instance_id,
             attempt=attempt,
             expression="SET " + sets,
-            values={":ckpt": to_attribute(checkpoint), ":now": to_attribute(datetime.now(timezone.utc))},
+            values={":ckpt": to_attribute(checkpoint), ":now": to_attribute(datetime.now(UTC))},
             # A late upload from an older checkpoint must never replace a newer one.
             extra_condition="(attribute_not_exists(last_checkpoint) OR last_checkpoint.step <= :step)",
             extra_values={":step": {"N": str(checkpoint.step)}},
@@ -269,7 +265,7 @@ class JobStore:
         """Progress report from the agent (fenced; does not bump the version)."""
         values: dict[str, Any] = {
             ":step": {"N": str(step)},
-            ":now": to_attribute(datetime.now(timezone.utc)),
+            ":now": to_attribute(datetime.now(UTC)),
         }
         sets = "heartbeat_step = :step, heartbeat_at = :now"
         if steps_per_second is not None:

@@ -1,0 +1,58 @@
+"""EC2 Spot interruption warnings and rebalance recommendations.
+
+Warning -> (1) SSM checkpoint-now to the instance, (2) RUNNING -> INTERRUPTED for
+(job, instance, attempt), (3) start the resume workflow `<job>-<attempt>`.
+Rebalance -> checkpoint-now only, or the same path as a warning when the job's policy
+is `on_rebalance: migrate`.
+
+Failures: a malformed event raises (retried, then parked in the on-failure queue, which
+alarms). An unmanaged instance, an ended job or a stale attempt is a normal outcome (logged,
+counted, no retry). SSM unable to reach the instance is logged and recovery goes on. Any
+other AWS error raises so Lambda retries; every step is idempotent, so a retry is safe.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.idempotency import idempotent_function
+from aws_lambda_powertools.utilities.parser import ValidationError, parse
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import Field
+
+from trainctl_core.events import RebalanceEvent, SpotInterruptionEvent
+from trainctl_core.handling import build_recovery, idempotency, reject, report
+from trainctl_core.observability import logger, metrics, tracer
+from trainctl_core.settings import get_settings
+
+InterruptionEvent = Annotated[SpotInterruptionEvent | RebalanceEvent, Field(discriminator="detail_type")]
+
+settings = get_settings()
+recovery = build_recovery(settings)
+persistence, idempotency_config = idempotency(settings)
+
+
+@idempotent_function(data_keyword_argument="event", persistence_store=persistence, config=idempotency_config)
+def process(event: dict[str, Any]) -> dict[str, Any]:
+    try:
+        parsed = parse(event=event, model=InterruptionEvent)  # type: ignore[call-overload]  # a discriminated union, not a class
+    except ValidationError as exc:
+        raise reject(event, exc, event_type="interruption") from exc
+    if isinstance(parsed, SpotInterruptionEvent):
+        result = recovery.on_spot_warning(
+            instance_id=parsed.detail.instance_id, noticed_at=parsed.time, event_id=parsed.id
+        )
+        return report(result, event_type="spot_warning")
+    result = recovery.on_rebalance(
+        instance_id=parsed.detail.instance_id, noticed_at=parsed.time, event_id=parsed.id
+    )
+    return report(result, event_type="rebalance")
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.EVENT_BRIDGE)
+@metrics.log_metrics
+@tracer.capture_lambda_handler
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    idempotency_config.register_lambda_context(context)
+    return process(event=event)

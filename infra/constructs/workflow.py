@@ -1,0 +1,219 @@
+"""The resume workflow: the state machine that recovers (or first launches) a job.
+
+Its definition is `infra/workflows/resume.asl.json`, deployed as is with
+`DefinitionSubstitutions`; tests render the same file and execute it in moto. The role
+gets exactly the API actions that file calls (a test derives them from the ASL) plus what
+Step Functions itself needs for logging and tracing.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_stepfunctions as sfn
+from constructs import Construct
+
+from infra.constructs.nag import acknowledge
+from infra.workflows.render import load_resume_definition, substitutions
+from trainctl_core.settings import TAG_MANAGED
+
+# Instance-side resources RunInstances authorises besides the instance and the template.
+_RUN_INSTANCES_RESOURCES = (
+    "volume",
+    "network-interface",
+    "subnet",
+    "security-group",
+    "spot-instances-request",
+)
+
+
+class ResumeWorkflow(Construct):
+    """Standard state machine running resume.asl.json, logged (ALL, KMS) and traced."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        jobs_table: dynamodb.ITable,
+        alerts_topic: sns.ITopic,
+        launch_template: ec2.LaunchTemplate,
+        instance_role: iam.IRole,
+        checkpoint_bucket: s3.IBucket,
+        removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        # The checkpoint bucket is part of the agreed signature but the workflow never
+        # touches S3: checkpoints are referenced by the prefix recorded on the job row.
+        del checkpoint_bucket
+        self._removal_policy = removal_policy
+        self.log_group = self._build_log_group()
+        self.state_machine = self._build_state_machine(jobs_table, alerts_topic, launch_template)
+        self._grant_table(jobs_table)
+        self._grant_launch(launch_template, instance_role)
+        alerts_topic.grant_publish(self.state_machine)
+        self._acknowledge_findings()
+
+    # --- pieces -------------------------------------------------------------------------
+
+    def _build_log_group(self) -> logs.LogGroup:
+        # Execution data (inputs, outputs) includes task tokens: keep it under our own key.
+        key = kms.Key(
+            self,
+            "LogsKey",
+            description="trainctl resume workflow execution logs",
+            enable_key_rotation=True,
+            removal_policy=self._removal_policy,
+        )
+        stack = Stack.of(self)
+        key.add_to_resource_policy(
+            iam.PolicyStatement(
+                actions=[
+                    "kms:Encrypt*",
+                    "kms:Decrypt*",
+                    "kms:ReEncrypt*",
+                    "kms:GenerateDataKey*",
+                    "kms:Describe*",
+                ],
+                principals=[iam.ServicePrincipal(f"logs.{stack.region}.amazonaws.com")],
+                resources=["*"],  # in a key policy, "*" means this key
+                conditions={
+                    "ArnLike": {
+                        "kms:EncryptionContext:aws:logs:arn": stack.format_arn(
+                            service="logs",
+                            resource="log-group",
+                            resource_name="*",
+                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                        )
+                    }
+                },
+            )
+        )
+        return logs.LogGroup(
+            self,
+            "Logs",
+            encryption_key=key,
+            retention=logs.RetentionDays.THREE_MONTHS,
+            removal_policy=self._removal_policy,
+        )
+
+    def _build_state_machine(
+        self,
+        jobs_table: dynamodb.ITable,
+        alerts_topic: sns.ITopic,
+        launch_template: ec2.LaunchTemplate,
+    ) -> sfn.StateMachine:
+        values = substitutions(
+            jobs_table_name=jobs_table.table_name,
+            alerts_topic_arn=alerts_topic.topic_arn,
+            launch_template_id=launch_template.launch_template_id or "",
+            # Pinned to the version deployed with this stack, so a template change and the
+            # workflow that launches it roll out together.
+            launch_template_version=launch_template.latest_version_number,
+        )
+        return sfn.StateMachine(
+            self,
+            "StateMachine",
+            state_machine_type=sfn.StateMachineType.STANDARD,
+            # from_string, not from_file: from_file uploads an S3 asset, and the template
+            # should carry the definition inline so tests can compare it with the file.
+            definition_body=sfn.DefinitionBody.from_string(load_resume_definition()),
+            definition_substitutions=values,
+            logs=sfn.LogOptions(
+                destination=self.log_group, level=sfn.LogLevel.ALL, include_execution_data=True
+            ),
+            tracing_enabled=True,
+            timeout=Duration.hours(1),
+            removal_policy=self._removal_policy,
+        )
+
+    def _grant_table(self, jobs_table: dynamodb.ITable) -> None:
+        # The table only, not its indexes: the workflow reads and writes rows by key.
+        self.state_machine.add_to_role_policy(
+            iam.PolicyStatement(
+                sid="JobRows",
+                actions=["dynamodb:GetItem", "dynamodb:UpdateItem"],
+                resources=[jobs_table.table_arn],
+            )
+        )
+        if jobs_table.encryption_key is not None:
+            jobs_table.encryption_key.grant_encrypt_decrypt(self.state_machine)
+
+    def _grant_launch(self, launch_template: ec2.LaunchTemplate, instance_role: iam.IRole) -> None:
+        stack = Stack.of(self)
+        template_arn = stack.format_arn(
+            service="ec2", resource="launch-template", resource_name=launch_template.launch_template_id
+        )
+
+        def ec2_arn(resource: str) -> str:
+            return stack.format_arn(service="ec2", resource=resource, resource_name="*")
+
+        from_our_template = {"ArnEquals": {"ec2:LaunchTemplate": template_arn}}
+        statements = [
+            iam.PolicyStatement(
+                sid="RunManagedInstances",
+                actions=["ec2:RunInstances"],
+                resources=[ec2_arn("instance")],
+                conditions={
+                    **from_our_template,
+                    "StringEquals": {f"aws:RequestTag/{TAG_MANAGED}": "true"},
+                },
+            ),
+            iam.PolicyStatement(
+                sid="RunInstancesFromTemplate",
+                actions=["ec2:RunInstances"],
+                resources=[
+                    template_arn,
+                    *(ec2_arn(r) for r in _RUN_INSTANCES_RESOURCES),
+                    # AMIs belong to other accounts (Amazon's), hence no account field.
+                    stack.format_arn(service="ec2", resource="image", resource_name="*", account=""),
+                ],
+                conditions=from_our_template,
+            ),
+            iam.PolicyStatement(
+                sid="TagAtLaunch",
+                actions=["ec2:CreateTags"],
+                resources=[ec2_arn("instance"), ec2_arn("volume")],
+                conditions={"StringEquals": {"ec2:CreateAction": "RunInstances"}},
+            ),
+            iam.PolicyStatement(
+                sid="TerminateManagedInstances",
+                actions=["ec2:TerminateInstances"],
+                resources=[ec2_arn("instance")],
+                conditions={"StringEquals": {f"aws:ResourceTag/{TAG_MANAGED}": "true"}},
+            ),
+            iam.PolicyStatement(
+                sid="PassInstanceRole",
+                actions=["iam:PassRole"],
+                resources=[instance_role.role_arn],
+                conditions={"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
+            ),
+        ]
+        for statement in statements:
+            self.state_machine.add_to_role_policy(statement)
+
+    def _acknowledge_findings(self) -> None:
+        stack = Stack.of(self)
+
+        def ec2_arn(resource: str) -> str:
+            return stack.format_arn(service="ec2", resource=resource, resource_name="*")
+
+        acknowledge(
+            self.state_machine,
+            "AwsSolutions-IAM5",
+            "RunInstances creates resources whose ids are unknown in advance: every statement is "
+            "pinned to our launch template (ec2:LaunchTemplate) or to the RunInstances call "
+            "(ec2:CreateAction), and instances must carry the trainctl:managed tag to be launched "
+            "or terminated. Log delivery and X-Ray actions have no resource-level permissions. "
+            "kms:GenerateDataKey* is CDK's grant for publishing to the KMS-encrypted alerts topic.",
+            *(f"Resource::{ec2_arn(r)}" for r in ("instance", *_RUN_INSTANCES_RESOURCES)),
+            f"Resource::{stack.format_arn(service='ec2', resource='image', resource_name='*', account='')}",
+            "Resource::*",
+            "Action::kms:GenerateDataKey*",
+        )

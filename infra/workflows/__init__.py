@@ -1,0 +1,1 @@
+"""State machine definitions (ASL files) and the helpers that render them."""

@@ -1,0 +1,522 @@
+"""Checkpoint layout, manifest format and newest-valid selection.
+
+A checkpoint of job `j` at step `s` lives under `s3://<bucket>/j/ckpt/<s:012d>/`: its data
+files first, then `manifest.json` LAST under the same prefix. A checkpoint exists only if
+its manifest parses and every file it lists has the listed size and xxh3-128 hash, so a
+save killed at any point (no manifest, a truncated file, a file from another writer)
+never becomes a resume point: restore skips it, naming it, and takes the previous one.
+
+The module is pure (layout, manifest model, hashing of local files, selection and
+retention decisions) plus `S3CheckpointStore`, an adapter taking an injected S3 client;
+the on-instance `Checkpointer` (training/trainctl/checkpoint.py) builds on both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import xxhash
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+CKPT_DIR = "ckpt"
+STEP_DIGITS = 12
+_STEP_PATTERN = re.compile(rf"^\d{{{STEP_DIGITS}}}$")
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+# --- layout ----------------------------------------------------------------------------
+
+
+def job_checkpoint_root(job_id: str) -> str:
+    """`<job_id>/ckpt/`: the prefix under which every checkpoint of a job lives."""
+    return f"{job_id}/{CKPT_DIR}/"
+
+
+def checkpoint_prefix(job_id: str, step: int) -> str:
+    """`<job_id>/ckpt/<step:012d>/`: one checkpoint's prefix (files + manifest)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0 (got {step})")
+    return f"{job_checkpoint_root(job_id)}{step:0{STEP_DIGITS}d}/"
+
+
+def step_of(prefix_or_name: str) -> int | None:
+    """The step encoded in a checkpoint prefix or its last path segment, if any."""
+    name = prefix_or_name.rstrip("/").rsplit("/", 1)[-1]
+    return int(name) if _STEP_PATTERN.match(name) else None
+
+
+def validate_relative_path(path: str) -> str:
+    """A manifest file path: relative, '/'-separated, no '..', not the manifest itself."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"checkpoint file path must be relative and normalised (got {path!r})")
+    if path == MANIFEST_NAME:
+        raise ValueError(f"{MANIFEST_NAME} is reserved for the manifest")
+    return path
+
+
+# --- manifest ----------------------------------------------------------------------------
+
+
+class ManifestFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    size: int = Field(ge=0)
+    xxh3_128: str = Field(pattern=r"^[0-9a-f]{32}$")
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        return validate_relative_path(value)
+
+
+class Manifest(BaseModel):
+    """`manifest.json`: what a checkpoint is made of; written last."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: int = MANIFEST_FORMAT
+    job_id: str
+    step: int = Field(ge=0)
+    attempt: int = Field(ge=0)
+    instance_id: str
+    framework: str
+    created_at: datetime
+    files: list[ManifestFile]
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: int) -> int:
+        if value != MANIFEST_FORMAT:
+            raise ValueError(f"unsupported manifest format {value} (this reader knows {MANIFEST_FORMAT})")
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _unique_paths(cls, files: list[ManifestFile]) -> list[ManifestFile]:
+        paths = [f.path for f in files]
+        if len(set(paths)) != len(paths):
+            raise ValueError("manifest lists a file twice")
+        return files
+
+    def to_json(self) -> bytes:
+        data = self.model_dump(mode="json")
+        data["created_at"] = format_time(self.created_at)
+        return json.dumps(data, indent=1, sort_keys=True).encode()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class InvalidManifest(ValueError):
+    """A manifest that does not parse or does not describe the checkpoint it sits in."""
+
+
+def parse_manifest(
+    raw: bytes, *, expect_job_id: str | None = None, expect_step: int | None = None
+) -> Manifest:
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise InvalidManifest(
+            f"manifest does not parse: {exc.error_count()} error(s): {exc.errors()[0]['msg']}"
+        ) from exc
+    if expect_job_id is not None and manifest.job_id != expect_job_id:
+        raise InvalidManifest(f"manifest belongs to job {manifest.job_id}, not {expect_job_id}")
+    if expect_step is not None and manifest.step != expect_step:
+        raise InvalidManifest(f"manifest says step {manifest.step} but sits under step {expect_step}")
+    return manifest
+
+
+def format_time(moment: datetime) -> str:
+    """ISO 8601 in UTC with a `Z` (the manifest's and the job row's time format)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- hashing -------------------------------------------------------------------------------
+
+
+def new_hasher() -> xxhash.xxh3_128:
+    return xxhash.xxh3_128()
+
+
+def hash_bytes(data: bytes | memoryview) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
+    """(size, xxh3-128 hex) of a local file, streamed (never the whole file in memory)."""
+    hasher = new_hasher()
+    size = 0
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            read = handle.readinto(buffer)
+            if not read:
+                break
+            hasher.update(view[:read])
+            size += read
+    return size, hasher.hexdigest()
+
+
+def verify_local_file(expected: ManifestFile, path: str | os.PathLike[str]) -> str | None:
+    """None if the local copy matches the manifest entry, else why not."""
+    try:
+        actual_size = os.path.getsize(path)
+    except FileNotFoundError:
+        return f"file {expected.path} is missing"
+    if actual_size != expected.size:
+        return f"file {expected.path} has {actual_size} bytes, manifest says {expected.size}"
+    _, digest = hash_file(path)
+    if digest != expected.xxh3_128:
+        return f"file {expected.path} hash {digest} != manifest {expected.xxh3_128}"
+    return None
+
+
+# --- selection and retention (pure) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Skipped:
+    step: int
+    reason: str
+
+
+@dataclass
+class Selection:
+    """The outcome of looking for a resume point: the chosen step (or None) and why."""
+
+    step: int | None
+    skipped: list[Skipped] = field(default_factory=list)
+    considered: int = 0
+
+    @property
+    def reason(self) -> str:
+        """Human-readable 'why starting fresh' when nothing was chosen."""
+        if self.step is not None:
+            return f"resuming from step {self.step}"
+        if not self.considered:
+            return "no checkpoint found"
+        details = "; ".join(f"step {s.step}: {s.reason}" for s in self.skipped)
+        return f"no valid checkpoint among {self.considered}: {details}"
+
+
+def candidate_steps(steps: Iterable[int], *, at_most: int | None = None) -> list[int]:
+    """Steps to try, newest first; `at_most` caps them (the resume point the job row names:
+    a late upload from a superseded attempt must not win just by having a higher step)."""
+    unique = sorted(set(steps), reverse=True)
+    return [s for s in unique if at_most is None or s <= at_most]
+
+
+def select_newest_valid(
+    steps: Iterable[int],
+    verify: Callable[[int], str | None],
+    *,
+    at_most: int | None = None,
+    on_skip: Callable[[Skipped], None] | None = None,
+) -> Selection:
+    """The newest step whose `verify` returns None (valid); the others are recorded as skipped.
+
+    `verify(step)` returns None for a valid checkpoint, else the reason it is not. It may
+    do I/O (the caller decides how deep to check); this function only decides.
+    """
+    candidates = candidate_steps(steps, at_most=at_most)
+    selection = Selection(step=None, considered=len(candidates))
+    for step in candidates:
+        reason = verify(step)
+        if reason is None:
+            selection.step = step
+            return selection
+        skipped = Skipped(step, reason)
+        selection.skipped.append(skipped)
+        if on_skip:
+            on_skip(skipped)
+    return selection
+
+
+def retention_victims(valid_steps: Iterable[int], *, keep: int, protect: Iterable[int] = ()) -> list[int]:
+    """Steps to delete so that the newest `keep` valid checkpoints remain.
+
+    `protect` (e.g. the step the job row names as its resume point) is never deleted.
+    Invalid/partial checkpoints are not this function's business: they may still be
+    uploading.
+    """
+    if keep < 1:
+        raise ValueError("retention must keep at least one checkpoint")
+    ordered = sorted(set(valid_steps), reverse=True)
+    protected = set(protect)
+    return [s for s in ordered[keep:] if s not in protected]
+
+
+# --- storage backends ----------------------------------------------------------------------------
+
+
+class CheckpointStorage(Protocol):
+    """Where checkpoints live (S3, or a local directory); used by the Checkpointer."""
+
+    def describe(self, step: int) -> str: ...
+
+    def list_steps(self) -> list[int]: ...
+
+    def read_manifest(self, step: int) -> bytes | None: ...
+
+    def put_files(self, step: int, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]) -> None:
+        """Upload local files [(local_path, relative_path)] under the step's prefix."""
+        ...
+
+    def put_manifest(self, step: int, manifest: bytes) -> None: ...
+
+    def fetch(self, step: int, files: Sequence[ManifestFile], dest_dir: str) -> dict[str, str]:
+        """Make the files available locally; returns relative path -> local path."""
+        ...
+
+    def delete(self, step: int) -> None: ...
+
+
+class LocalCheckpointStorage:
+    """Checkpoints in a local directory with the same layout as S3 (tests, local runs).
+
+    `root/<job_id>/ckpt/<step>/…`; files are hard-linked from staging when possible (same
+    filesystem) so a local "upload" costs no copy; the manifest is renamed into place last.
+    """
+
+    def __init__(self, root: str, job_id: str) -> None:
+        self.root = root
+        self.job_id = job_id
+
+    def _dir(self, step: int) -> str:
+        return os.path.join(self.root, checkpoint_prefix(self.job_id, step))
+
+    def describe(self, step: int) -> str:
+        return self._dir(step)
+
+    def list_steps(self) -> list[int]:
+        base = os.path.join(self.root, job_checkpoint_root(self.job_id))
+        try:
+            names = os.listdir(base)
+        except FileNotFoundError:
+            return []
+        return sorted(s for s in (step_of(n) for n in names) if s is not None)
+
+    def read_manifest(self, step: int) -> bytes | None:
+        try:
+            with open(os.path.join(self._dir(step), MANIFEST_NAME), "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+
+    def put_files(self, step: int, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]) -> None:
+        target = self._dir(step)
+        for local, relative in files:
+            if cancelled():
+                return
+            dest = os.path.join(target, relative)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp = dest + ".part"
+            try:
+                os.link(local, tmp)
+            except OSError:
+                _copy_file(local, tmp)
+            os.replace(tmp, dest)
+
+    def put_manifest(self, step: int, manifest: bytes) -> None:
+        target = self._dir(step)
+        os.makedirs(target, exist_ok=True)
+        _atomic_write(os.path.join(target, MANIFEST_NAME), manifest)
+
+    def fetch(self, step: int, files: Sequence[ManifestFile], dest_dir: str) -> dict[str, str]:
+        # Read in place: no second copy on disk.
+        return {f.path: os.path.join(self._dir(step), f.path) for f in files}
+
+    def delete(self, step: int) -> None:
+        target = self._dir(step)
+        # Manifest first: a half-deleted checkpoint must not look valid.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(target, MANIFEST_NAME))
+        for dirpath, _dirs, names in os.walk(target, topdown=False):
+            for name in names:
+                os.unlink(os.path.join(dirpath, name))
+            os.rmdir(dirpath)
+
+
+class S3CheckpointStorage:
+    """Checkpoints in S3 through an injected client; data via s3transfer (multipart, concurrent)."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        job_id: str,
+        *,
+        transfer_config: Any = None,
+    ) -> None:
+        from s3transfer.manager import TransferConfig, TransferManager
+
+        self._s3 = client
+        self.bucket = bucket
+        self.job_id = job_id
+        # 64 MiB parts, 8 in flight: few requests per GB while still saturating the link;
+        # s3transfer streams from the file (no copy of the checkpoint in memory).
+        config = transfer_config or TransferConfig(
+            multipart_threshold=64 * 1024 * 1024,
+            multipart_chunksize=64 * 1024 * 1024,
+            max_request_concurrency=8,
+        )
+        self._transfer = TransferManager(client, config)
+
+    def describe(self, step: int) -> str:
+        return f"s3://{self.bucket}/{checkpoint_prefix(self.job_id, step)}"
+
+    def list_steps(self) -> list[int]:
+        paginator = self._s3.get_paginator("list_objects_v2")
+        steps: list[int] = []
+        for page in paginator.paginate(
+            Bucket=self.bucket, Prefix=job_checkpoint_root(self.job_id), Delimiter="/"
+        ):
+            for common in page.get("CommonPrefixes", []):
+                step = step_of(common["Prefix"])
+                if step is not None:
+                    steps.append(step)
+        return sorted(steps)
+
+    def read_manifest(self, step: int) -> bytes | None:
+        try:
+            response = self._s3.get_object(
+                Bucket=self.bucket, Key=checkpoint_prefix(self.job_id, step) + MANIFEST_NAME
+            )
+        except self._s3.exceptions.NoSuchKey:
+            return None
+        body: bytes = response["Body"].read()
+        return body
+
+    def put_files(self, step: int, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]) -> None:
+        prefix = checkpoint_prefix(self.job_id, step)
+        futures = [self._transfer.upload(local, self.bucket, prefix + relative) for local, relative in files]
+        pending = list(futures)
+        while pending:
+            if cancelled():
+                # An urgent checkpoint supersedes this one: free the link for it. The
+                # files already sent stay without a manifest, i.e. they do not exist.
+                for future in pending:
+                    future.cancel()
+                for future in pending:
+                    with contextlib.suppress(Exception):
+                        future.result()
+                return
+            pending = [f for f in pending if not f.done()]
+            if pending:
+                time.sleep(0.05)
+        for future in futures:
+            future.result()  # re-raise the first upload error, if any
+
+    def put_manifest(self, step: int, manifest: bytes) -> None:
+        self._s3.put_object(
+            Bucket=self.bucket,
+            Key=checkpoint_prefix(self.job_id, step) + MANIFEST_NAME,
+            Body=manifest,
+            ContentType="application/json",
+        )
+
+    def fetch(self, step: int, files: Sequence[ManifestFile], dest_dir: str) -> dict[str, str]:
+        prefix = checkpoint_prefix(self.job_id, step)
+        local: dict[str, str] = {}
+        futures = []
+        for entry in files:
+            path = os.path.join(dest_dir, entry.path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            local[entry.path] = path
+            futures.append(self._transfer.download(self.bucket, prefix + entry.path, path))
+        for future in futures:
+            try:
+                future.result()
+            except Exception as exc:
+                raise FetchFailed(f"download failed: {exc}") from exc
+        return local
+
+    def delete(self, step: int) -> None:
+        prefix = checkpoint_prefix(self.job_id, step)
+        # Manifest first: a half-deleted checkpoint must not look valid.
+        self._s3.delete_object(Bucket=self.bucket, Key=prefix + MANIFEST_NAME)
+        keys = list(self._keys(prefix))
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def _keys(self, prefix: str) -> Iterator[str]:
+        paginator = self._s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                yield obj["Key"]
+
+    def close(self) -> None:
+        self._transfer.shutdown()
+
+
+class FetchFailed(RuntimeError):
+    """A checkpoint file could not be fetched (missing object, network)."""
+
+
+def verify_checkpoint(
+    storage: CheckpointStorage, step: int, *, job_id: str, dest_dir: str
+) -> tuple[Manifest, dict[str, str]] | str:
+    """Fetch and fully verify one checkpoint: (manifest, local paths) or the reason it is invalid."""
+    raw = storage.read_manifest(step)
+    if raw is None:
+        return "missing manifest (incomplete or killed mid-upload)"
+    try:
+        manifest = parse_manifest(raw, expect_job_id=job_id, expect_step=step)
+    except InvalidManifest as exc:
+        return str(exc)
+    try:
+        paths = storage.fetch(step, manifest.files, dest_dir)
+    except (FetchFailed, OSError) as exc:
+        return str(exc)
+    for entry in manifest.files:
+        problem = verify_local_file(entry, paths[entry.path])
+        if problem:
+            return problem
+    return manifest, paths
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_file(src: str, dst: str) -> None:
+    with open(src, "rb") as source, open(dst, "wb") as target:
+        while chunk := source.read(_HASH_CHUNK):
+            target.write(chunk)
+        target.flush()
+        os.fsync(target.fileno())

@@ -1,0 +1,87 @@
+"""Step Functions adapter: start the resume workflow, complete its checkpoint handshake.
+
+The only module here that talks to Step Functions. The execution name is derived from
+(job, attempt), so a second start for the same loss is `ExecutionAlreadyExists`, which
+this adapter reports as "already started" rather than an error.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from trainctl_core.jobs import InterruptionReason, execution_name, format_time
+
+
+def resume_input(
+    *,
+    job_id: str,
+    instance_id: str | None,
+    attempt: int,
+    reason: InterruptionReason,
+    deadline: datetime | None,
+    noticed_at: datetime,
+) -> dict[str, Any]:
+    """The resume workflow's input document (its contract is in infra/workflows/).
+
+    It depends only on the recorded loss, never on when it is computed: Step Functions
+    treats a second start with the same name *and input* as the same execution, so a
+    retried handler gets success rather than an error while the workflow runs.
+    """
+    document: dict[str, Any] = {
+        "job_id": job_id,
+        "instance_id": instance_id,
+        "attempt": attempt,
+        "reason": reason.value,
+        "deadline": format_time(deadline) if deadline else None,
+    }
+    if deadline is not None:
+        # Step Functions cannot subtract timestamps, so the handshake's timeout is computed
+        # here. At least 1 s: a deadline already past still lets a landed checkpoint count.
+        document["handshake_timeout_seconds"] = max(1, int((deadline - noticed_at).total_seconds()))
+    return document
+
+
+class ResumeStarter:
+    """Starts the resume state machine for one (job, attempt)."""
+
+    def __init__(self, client: Any, state_machine_arn: str) -> None:
+        self._sfn = client
+        self._arn = state_machine_arn
+
+    def start(self, document: dict[str, Any]) -> bool:
+        """Start the execution; False if it had already been started (a duplicate)."""
+        try:
+            self._sfn.start_execution(
+                stateMachineArn=self._arn,
+                name=execution_name(document["job_id"], document["attempt"]),
+                input=json.dumps(document),
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ExecutionAlreadyExists":
+                return False
+            raise
+        return True
+
+
+class HandshakeError(Exception):
+    """The workflow no longer waits for this token (timed out, or already completed)."""
+
+
+class Handshake:
+    """Completes the workflow's `waitForTaskToken` checkpoint handshake."""
+
+    def __init__(self, client: Any) -> None:
+        self._sfn = client
+
+    def complete(self, task_token: str, output: dict[str, Any]) -> None:
+        try:
+            self._sfn.send_task_success(taskToken=task_token, output=json.dumps(output))
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("TaskTimedOut", "InvalidToken", "TaskDoesNotExist"):
+                raise HandshakeError(f"handshake token no longer valid: {code}") from exc
+            raise

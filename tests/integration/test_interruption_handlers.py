@@ -1,0 +1,359 @@
+"""The EC2-event handlers end to end against moto, fed real event shapes."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+import pytest
+from aws_lambda_powertools.utilities.idempotency.exceptions import (
+    IdempotencyAlreadyInProgressError,
+)
+
+from trainctl_core.jobs import InterruptionReason, JobStatus
+
+
+def deliver(module: Any, event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return module.handler(copy.deepcopy(event), context)
+
+
+# --- Spot interruption warning ---------------------------------------------------------
+
+
+def test_warning_checkpoints_records_and_starts_one_resume(env, interruption, context, event_loader):
+    # Given a RUNNING job on the instance
+    env.add_job()
+    event = event_loader("spot_interruption_warning")
+
+    # When the warning arrives
+    response = deliver(interruption, event, context)
+
+    # Then the instance is asked to checkpoint by the deadline (event time + 120 s) ...
+    assert response["outcome"] == "resume_started"
+    [command] = env.ssm_commands()
+    assert command["DocumentName"] == "trainctl-checkpoint"
+    assert command["InstanceIds"] == [env.instance_id]
+    assert command["Parameters"] == {"JobId": [env.job_id], "Deadline": ["2026-12-03T12:02:00.000Z"]}
+    # ... the loss is recorded on the job row ...
+    job = env.store.get(env.job_id)
+    assert job.status == JobStatus.INTERRUPTED
+    [record] = job.interruptions
+    assert (record.instance_id, record.attempt, record.reason) == (
+        env.instance_id,
+        0,
+        InterruptionReason.SPOT_WARNING,
+    )
+    assert record.event_id == event["id"]
+    # ... and exactly one resume execution runs, named after job and attempt.
+    [execution] = env.executions()
+    assert execution["name"] == f"{env.job_id}-0"
+    document = env.execution_input(f"{env.job_id}-0")
+    assert document["reason"] == "spot-warning"
+    assert document["instance_id"] == env.instance_id
+    assert document["deadline"] == "2026-12-03T12:02:00.000Z"
+    assert document["handshake_timeout_seconds"] >= 1
+
+
+def test_same_warning_delivered_three_times_acts_once(env, interruption, context, event_loader):
+    env.add_job()
+    event = event_loader("spot_interruption_warning")
+
+    responses = [deliver(interruption, event, context) for _ in range(3)]
+
+    assert responses[0] == responses[1] == responses[2]
+    assert len(env.ssm_commands()) == 1
+    assert len(env.executions()) == 1
+    assert len(env.store.get(env.job_id).interruptions) == 1
+
+
+def test_redelivery_with_a_new_event_id_still_acts_once(env, interruption, context, event_loader):
+    # EventBridge retries keep the id, but a replayed archive gives new ids: the domain
+    # key (job, instance, attempt) must hold on its own.
+    env.add_job()
+    deliver(interruption, event_loader("spot_interruption_warning"), context)
+    replay = event_loader("spot_interruption_warning", id="99999999-1234-1234-1234-123456789012")
+
+    response = deliver(interruption, replay, context)
+
+    assert response["outcome"] == "resume_started"
+    assert response["interruption_recorded"] is False
+    assert response["execution_started"] is False
+    assert len(env.ssm_commands()) == 1
+    assert len(env.executions()) == 1
+
+
+def test_warning_for_unmanaged_instance_is_ignored(env, interruption, context, event_loader):
+    env.add_job(instance_id="i-0aaaaaaaaaaaaaaaa")
+    event = event_loader("spot_interruption_warning")
+
+    response = deliver(interruption, event, context)
+
+    assert response["outcome"] == "ignored_unmanaged"
+    assert env.ssm_commands() == []
+    assert env.executions() == []
+    assert env.store.get(env.job_id).status == JobStatus.RUNNING
+
+
+@pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.FAILED])
+def test_warning_for_ended_job_changes_nothing(env, interruption, context, event_loader, status):
+    before = env.add_job(status=status)
+
+    response = deliver(interruption, event_loader("spot_interruption_warning"), context)
+
+    assert response["outcome"] == "ignored_terminal"
+    assert env.ssm_commands() == []
+    assert env.executions() == []
+    after = env.store.get(env.job_id)
+    assert (after.status, after.version) == (before.status, before.version)
+
+
+def test_warning_for_a_launching_replacement_is_a_loss_too(env, interruption, context, event_loader):
+    env.add_job(status=JobStatus.LAUNCHING)
+
+    response = deliver(interruption, event_loader("spot_interruption_warning"), context)
+
+    assert response["outcome"] == "resume_started"
+    assert env.store.get(env.job_id).status == JobStatus.INTERRUPTED
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"detail": {"instance-action": "terminate"}},  # no instance id
+        {"detail": {"instance-id": "not-an-instance", "instance-action": "terminate"}},
+        {"detail": {"instance-id": "i-1234567890abcdef0", "instance-action": "explode"}},
+        {"time": "yesterday"},
+        {"source": "my.app"},
+    ],
+)
+def test_malformed_warning_raises_and_touches_nothing(env, interruption, context, event_loader, broken):
+    before = env.add_job()
+    event = {**event_loader("spot_interruption_warning"), **broken}
+
+    with pytest.raises(
+        interruption.MalformedEvent if hasattr(interruption, "MalformedEvent") else Exception
+    ) as info:
+        deliver(interruption, event, context)
+
+    assert "malformed" in str(info.value)
+    assert env.ssm_commands() == []
+    assert env.executions() == []
+    assert env.store.get(env.job_id).version == before.version
+
+
+def ssm_error(code: str) -> Exception:
+    """An SSM error as moto serialises it (the class must live in moto's SSM module)."""
+    from moto.ssm.exceptions import SSMException
+
+    error = type(code, (SSMException,), {"__module__": SSMException.__module__, "code": code})
+    return error(code, f"simulated {code}")
+
+
+def test_ssm_failure_does_not_stop_the_resume(env, interruption, context, event_loader, monkeypatch):
+    # Given the instance cannot receive commands any more (already gone)
+    from moto.ssm.models import SimpleSystemManagerBackend
+
+    def gone(self: Any, **kwargs: Any) -> Any:
+        raise ssm_error("InvalidInstanceId")
+
+    monkeypatch.setattr(SimpleSystemManagerBackend, "send_command", gone)
+    env.add_job()
+
+    response = deliver(interruption, event_loader("spot_interruption_warning"), context)
+
+    # Then the loss is still recorded and the workflow (which falls back to the newest
+    # periodic checkpoint when the handshake times out) still starts.
+    assert response["checkpoint_requested"] is False
+    assert response["outcome"] == "resume_started"
+    assert env.store.get(env.job_id).status == JobStatus.INTERRUPTED
+    assert len(env.executions()) == 1
+
+
+def test_unexpected_ssm_error_raises_so_lambda_retries(env, interruption, context, event_loader, monkeypatch):
+    from moto.ssm.models import SimpleSystemManagerBackend
+
+    def denied(self: Any, **kwargs: Any) -> Any:
+        raise ssm_error("AccessDeniedException")
+
+    monkeypatch.setattr(SimpleSystemManagerBackend, "send_command", denied)
+    env.add_job()
+    event = event_loader("spot_interruption_warning")
+
+    with pytest.raises(Exception, match="AccessDenied"):
+        deliver(interruption, event, context)
+    # Nothing half-done, and the idempotency record was released, so the retry works.
+    assert env.store.get(env.job_id).status == JobStatus.RUNNING
+    monkeypatch.undo()
+    assert deliver(interruption, event, context)["outcome"] == "resume_started"
+
+
+# --- rebalance recommendation ------------------------------------------------------------
+
+
+def test_rebalance_asks_for_a_checkpoint_only(env, interruption, context, event_loader):
+    env.add_job()
+
+    response = deliver(interruption, event_loader("rebalance_recommendation"), context)
+
+    assert response["outcome"] == "checkpoint_requested"
+    [command] = env.ssm_commands()
+    assert command["InstanceIds"] == [env.instance_id]
+    assert env.executions() == []
+    assert env.store.get(env.job_id).status == JobStatus.RUNNING
+
+
+def test_rebalance_with_migrate_policy_resumes_early(env, interruption, context, event_loader):
+    env.add_job(on_rebalance="migrate")
+
+    response = deliver(interruption, event_loader("rebalance_recommendation"), context)
+
+    assert response["outcome"] == "resume_started"
+    assert len(env.ssm_commands()) == 1
+    assert env.execution_input(f"{env.job_id}-0")["reason"] == "rebalance-migrate"
+    assert env.store.get(env.job_id).interruptions[0].reason == InterruptionReason.REBALANCE_MIGRATE
+
+
+def test_rebalance_then_warning_checkpoints_twice_resumes_once(env, interruption, context, event_loader):
+    env.add_job()
+    deliver(interruption, event_loader("rebalance_recommendation"), context)
+
+    response = deliver(interruption, event_loader("spot_interruption_warning"), context)
+
+    assert response["outcome"] == "resume_started"
+    assert len(env.ssm_commands()) == 2  # checkpoint on the risk, final checkpoint on the notice
+    assert len(env.executions()) == 1
+
+
+# --- instance state change ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event_name", ["instance_state_terminated", "instance_state_shutting_down"])
+def test_loss_without_notice_resumes_from_periodic_checkpoint(
+    env, instance_state, context, event_loader, event_name
+):
+    env.add_job()
+
+    response = deliver(instance_state, event_loader(event_name), context)
+
+    assert response["outcome"] == "resume_started"
+    assert env.ssm_commands() == []  # nobody left to checkpoint
+    job = env.store.get(env.job_id)
+    assert job.status == JobStatus.INTERRUPTED
+    assert job.interruptions[0].reason == InterruptionReason.TERMINATED_WITHOUT_NOTICE
+    document = env.execution_input(f"{env.job_id}-0")
+    assert document["reason"] == "terminated-without-notice"
+    assert document["deadline"] is None
+
+
+def test_state_change_that_is_not_a_loss_is_a_no_op(env, instance_state, context, event_loader):
+    before = env.add_job()
+
+    response = deliver(instance_state, event_loader("instance_state_running"), context)
+
+    assert response["outcome"] == "ignored_not_a_loss"
+    assert env.executions() == []
+    assert env.store.get(env.job_id).version == before.version
+
+
+def test_state_change_of_unmanaged_instance_is_ignored(env, instance_state, context, event_loader):
+    response = deliver(instance_state, event_loader("instance_state_terminated"), context)
+
+    assert response["outcome"] == "ignored_unmanaged"
+    assert env.executions() == []
+
+
+def test_malformed_state_change_raises(env, instance_state, context, event_loader):
+    event = event_loader("instance_state_terminated")
+    event["detail"]["state"] = "vanished"
+
+    with pytest.raises(Exception, match="malformed"):
+        deliver(instance_state, event, context)
+
+
+# --- the same loss reported by several signals, in any order ---------------------------
+
+
+@pytest.mark.parametrize("order", ["warning-first", "state-change-first"])
+def test_warning_and_state_change_for_one_loss_act_once(
+    env, interruption, instance_state, context, event_loader, order
+):
+    env.add_job()
+    warning = (interruption, event_loader("spot_interruption_warning"))
+    terminated = (instance_state, event_loader("instance_state_terminated"))
+    sequence = [warning, terminated] if order == "warning-first" else [terminated, warning]
+
+    for module, event in sequence:
+        deliver(module, event, context)
+
+    assert len(env.ssm_commands()) == 1
+    assert len(env.executions()) == 1
+    job = env.store.get(env.job_id)
+    assert job.status == JobStatus.INTERRUPTED
+    assert len(job.interruptions) == 1
+    # Whoever recorded the loss first decides the workflow's reason.
+    expected = "spot-warning" if order == "warning-first" else "terminated-without-notice"
+    assert env.execution_input(f"{env.job_id}-0")["reason"] == expected
+
+
+def test_late_event_about_a_replaced_instance_is_ignored(env, interruption, context, event_loader):
+    # Given the job already moved on to a replacement (attempt 1 on another instance)
+    from trainctl_core import jobs
+
+    job = env.add_job()
+    deliver(interruption, event_loader("spot_interruption_warning"), context)
+    job = env.store.get(env.job_id)
+    env.store.apply(
+        jobs.mark_launching(
+            job,
+            instance_id="i-0bbbbbbbbbbbbbbbb",
+            pool="g5.xlarge@subnet-0bbb2222",
+            resume_point=jobs.ResumePoint(kind=jobs.CheckpointKind.NONE),
+            now=jobs.utcnow(),
+        )
+    )
+
+    # When a late state-change about the old instance arrives
+    late = event_loader("instance_state_terminated")
+    from trainctl_core.handling import report  # noqa: F401  (module loaded by the handler)
+
+    response = deliver(__import__("functions.instance_state.handler", fromlist=["handler"]), late, context)
+
+    # Then nothing about the new attempt changes
+    assert response["outcome"] == "ignored_unmanaged"
+    after = env.store.get(env.job_id)
+    assert (after.status, after.attempt, after.instance_id) == (
+        JobStatus.LAUNCHING,
+        1,
+        "i-0bbbbbbbbbbbbbbbb",
+    )
+    assert len(env.executions()) == 1
+
+
+def test_concurrent_duplicate_deliveries_have_one_winner(
+    env, interruption, context, event_loader, serialized_moto
+):
+    env.add_job()
+    event = event_loader("spot_interruption_warning")
+    outcomes: list[str] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(deliver(interruption, event, context)["outcome"])
+        except IdempotencyAlreadyInProgressError as exc:
+            errors.append(exc)  # Lambda would retry these and get the stored result
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(outcomes) + len(errors) == 8
+    assert outcomes and set(outcomes) == {"resume_started"}
+    assert len(env.ssm_commands()) == 1
+    assert len(env.executions()) == 1
+    assert len(env.store.get(env.job_id).interruptions) == 1

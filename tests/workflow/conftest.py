@@ -1,0 +1,433 @@
+"""Run the real resume workflow (resume.asl.json, rendered as deployed) in moto.
+
+One moto mock per test module (the first state machine in a process costs seconds);
+every test uses its own job id, so tests share the table, topic and state machine. Faults
+come from patching moto's EC2 backend, which the state machine's own aws-sdk calls reach.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+# Before moto is imported: no default AMIs (describe_images is slow), fake credentials.
+os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+
+import boto3
+import pytest
+from moto import mock_aws
+from moto.ec2.exceptions import EC2ClientError
+from moto.ec2.models.instances import InstanceBackend
+from moto.stepfunctions.parser.asl.component.state.choice.comparison.operator.implementations.is_operator import (  # noqa: E501
+    IsTimestamp,
+)
+
+from infra.workflows.render import WorkflowTuning, load_resume_definition, render, substitutions
+from trainctl_core import jobs
+from trainctl_core.jobs import CapacityPool, CheckpointRef, InterruptionReason, Job, JobSpec
+from trainctl_core.settings import (
+    JOBS_BY_INSTANCE_INDEX,
+    JOBS_INSTANCE_ATTRIBUTE,
+    JOBS_PARTITION_KEY,
+)
+from trainctl_core.store import JobStore, format_time
+
+REGION = "us-east-1"
+MOTO_CONFIG: Any = {"stepfunctions": {"execute_state_machine": True}}
+# Short backoff so the "all pools out" cases take seconds, not minutes; everything else
+# is what the stack deploys.
+TEST_TUNING = WorkflowTuning(launch_backoff_seconds=1, launch_rounds=2)
+
+# EC2's real messages for the capacity codes (the workflow matches on them, since AWS
+# reports every EC2 error of an aws-sdk task as Ec2.Ec2Exception).
+CAPACITY_MESSAGES = {
+    "InsufficientInstanceCapacity": "We currently do not have sufficient {type} capacity in the "
+    "Availability Zone you requested. Our system will be working on provisioning additional capacity.",
+    "SpotMaxPriceTooLow": "Your Spot request price of 0.01 is lower than the minimum required Spot "
+    "request fulfillment price of 0.2.",
+    "MaxSpotInstanceCountExceeded": "Max spot instance count exceeded",
+    "Unsupported": "The requested configuration is currently not supported. Please check the "
+    "documentation for supported configurations.",
+    "InsufficientFreeAddressesInSubnet": "There are not enough free addresses in subnet '{subnet}' "
+    "to satisfy the requested number of instances.",
+}
+
+
+@dataclass
+class LaunchFaults:
+    """What moto's RunInstances does per (instance type, subnet, market)."""
+
+    errors: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
+    gates: dict[tuple[str, str, str], threading.Event] = field(default_factory=dict)
+    calls: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def out_of_capacity(
+        self, pool: CapacityPool, market: str = "spot", code: str = "InsufficientInstanceCapacity"
+    ) -> None:
+        message = CAPACITY_MESSAGES[code].format(type=pool.instance_type, subnet=pool.subnet_id)
+        self.errors[(pool.instance_type, pool.subnet_id, market)] = (code, message)
+
+    def fail(self, pool: CapacityPool, market: str, code: str, message: str) -> None:
+        self.errors[(pool.instance_type, pool.subnet_id, market)] = (code, message)
+
+    def hold(self, pool: CapacityPool, market: str = "spot") -> threading.Event:
+        """Block RunInstances for `pool` until the returned event is set."""
+        gate = threading.Event()
+        self.gates[(pool.instance_type, pool.subnet_id, market)] = gate
+        return gate
+
+    def clear(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
+        self.errors.clear()
+        self.gates.clear()
+        self.calls.clear()
+
+
+@dataclass
+class Cloud:
+    """The moto account a module's tests run in, plus helpers that act like the other parts."""
+
+    ddb: Any
+    ec2: Any
+    sfn: Any
+    sqs: Any
+    table: str
+    topic_arn: str
+    queue_url: str
+    subnets: list[str]
+    launch_template_id: str
+    state_machine_arn: str
+    definition: str
+    faults: LaunchFaults
+
+    @property
+    def store(self) -> JobStore:
+        return JobStore(self.ddb, self.table)
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def pools(self, *types: str) -> list[CapacityPool]:
+        """One pool per instance type, each in the next subnet."""
+        return [
+            CapacityPool(instance_type=t, subnet_id=self.subnets[i % len(self.subnets)])
+            for i, t in enumerate(types)
+        ]
+
+    def new_job(self, pools: list[CapacityPool], **spec: Any) -> Job:
+        job_id = f"job-{uuid.uuid4().hex[:10]}"
+        job = jobs.new_job(job_id, JobSpec(name=job_id, command=["python", "train.py"], pools=pools, **spec))
+        return self.store.create(job)
+
+    def running_job(self, pools: list[CapacityPool], *, pool_index: int = 0, **spec: Any) -> Job:
+        """A job RUNNING attempt 0 on a real (moto) instance launched in pools[pool_index]."""
+        job = self.new_job(pools, **spec)
+        pool = pools[pool_index]
+        instance_id = self.launch_instance(job.job_id, 0, pool)
+        now = jobs.utcnow()
+        job = self.store.apply(
+            jobs.mark_launching(
+                job,
+                instance_id=instance_id,
+                pool=pool.label,
+                resume_point=jobs.ResumePoint(kind="none"),
+                now=now,
+            )
+        )
+        return self.store.apply(jobs.mark_running(job, instance_id=instance_id, now=now))
+
+    def interrupted_job(
+        self,
+        pools: list[CapacityPool],
+        *,
+        reason: InterruptionReason = InterruptionReason.SPOT_WARNING,
+        periodic_step: int | None = None,
+        **spec: Any,
+    ) -> Job:
+        """Like the interruption handler leaves it: INTERRUPTED on its current instance."""
+        job = self.running_job(pools, **spec)
+        assert job.instance_id is not None
+        if periodic_step is not None:
+            self.agent_checkpoint(job, periodic_step, final=False)
+            job = self.store.get(job.job_id)
+        now = jobs.utcnow()
+        return self.store.apply(
+            jobs.mark_interrupted(
+                job, instance_id=job.instance_id, reason=reason, now=now, deadline=now + timedelta(minutes=2)
+            )
+        )
+
+    def launch_instance(self, job_id: str, attempt: int, pool: CapacityPool) -> str:
+        response = self.ec2.run_instances(
+            LaunchTemplate={"LaunchTemplateId": self.launch_template_id},
+            InstanceType=pool.instance_type,
+            SubnetId=pool.subnet_id,
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[
+                {
+                    "ResourceType": "instance",
+                    "Tags": [
+                        {"Key": "trainctl:managed", "Value": "true"},
+                        {"Key": "trainctl:job-id", "Value": job_id},
+                        {"Key": "trainctl:attempt", "Value": str(attempt)},
+                    ],
+                }
+            ],
+        )
+        return str(response["Instances"][0]["InstanceId"])
+
+    # --- the agent's side of the handshake ------------------------------------------------
+
+    def agent_checkpoint(self, job: Job, step: int, *, final: bool) -> dict[str, Any]:
+        """What the agent does: record the checkpoint (fenced) and answer a waiting token."""
+        assert job.instance_id is not None
+        ref = CheckpointRef(
+            step=step, prefix=f"{job.job_id}/ckpt/{step}/", attempt=job.attempt, created_at=jobs.utcnow()
+        )
+        row = self.store.record_checkpoint(
+            job.job_id, instance_id=job.instance_id, attempt=job.attempt, checkpoint=ref, final=final
+        )
+        if final and row.get("task_token") and row.get("task_token_attempt") == job.attempt:
+            checkpoint = {
+                "step": step,
+                "prefix": ref.prefix,
+                "attempt": job.attempt,
+                "created_at": format_time(ref.created_at),
+            }
+            self.sfn.send_task_success(
+                taskToken=row["task_token"], output=json.dumps({"checkpoint": checkpoint})
+            )
+        return row
+
+    def wait_for_token(self, job: Job, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = self.store.raw(job.job_id)
+            if row.get("task_token") and row.get("task_token_attempt") == job.attempt:
+                return row
+            time.sleep(0.02)
+        raise AssertionError(f"the workflow never stored its task token on {job.job_id}")
+
+    # --- executions ---------------------------------------------------------------------
+
+    def workflow_input(self, job: Job, reason: str, **overrides: Any) -> dict[str, Any]:
+        interruption = job.interruption_for(job.attempt) if reason != "launch" else None
+        payload: dict[str, Any] = {
+            "job_id": job.job_id,
+            "instance_id": None if reason == "launch" else job.instance_id,
+            "attempt": job.attempt,
+            "reason": reason,
+            "deadline": format_time(interruption.deadline)
+            if interruption and interruption.deadline
+            else None,
+        }
+        payload.update(overrides)
+        return payload
+
+    def start(self, payload: dict[str, Any], name: str | None = None) -> str:
+        if name is None:
+            name = (
+                jobs.execution_name(payload["job_id"], payload["attempt"])
+                if "job_id" in payload
+                else uuid.uuid4().hex
+            )
+        response = self.sfn.start_execution(
+            stateMachineArn=self.state_machine_arn, name=name, input=json.dumps(payload)
+        )
+        return str(response["executionArn"])
+
+    def wait(self, execution_arn: str, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            described = self.sfn.describe_execution(executionArn=execution_arn)
+            if described["status"] != "RUNNING":
+                return dict(described)
+            time.sleep(0.05)
+        raise AssertionError(f"execution {execution_arn} still running after {timeout}s")
+
+    def history(self, execution_arn: str) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = self.sfn.get_execution_history(
+            executionArn=execution_arn, maxResults=1000
+        )["events"]
+        return events
+
+    def entered_states(self, execution_arn: str) -> list[str]:
+        return [
+            e["stateEnteredEventDetails"]["name"]
+            for e in self.history(execution_arn)
+            if "stateEnteredEventDetails" in e
+        ]
+
+    # --- observable effects -------------------------------------------------------------
+
+    def instances_of(self, job_id: str) -> list[dict[str, Any]]:
+        reservations = self.ec2.describe_instances(
+            Filters=[{"Name": "tag:trainctl:job-id", "Values": [job_id]}]
+        )["Reservations"]
+        return [i for r in reservations for i in r["Instances"]]
+
+    def messages(self, job_id: str) -> list[dict[str, Any]]:
+        """Every SNS message about `job_id` delivered so far (via the subscribed queue)."""
+        found: list[dict[str, Any]] = []
+        while True:
+            batch = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10).get(
+                "Messages", []
+            )
+            if not batch:
+                break
+            for message in batch:
+                envelope = json.loads(message["Body"])
+                _INBOX.append({"subject": envelope.get("Subject"), "body": json.loads(envelope["Message"])})
+                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+        found = [m for m in _INBOX if m["body"].get("job_id") == job_id]
+        return found
+
+
+_INBOX: list[dict[str, Any]] = []
+
+
+def tags_of(instance: dict[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+
+
+def _patch_run_instances(faults: LaunchFaults) -> Any:
+    original = InstanceBackend.run_instances
+
+    def run_instances(
+        self: Any, image_id: str, count: int, user_data: Any, security_group_names: Any, **kwargs: Any
+    ) -> Any:
+        # moto passes InstanceMarketOptions.MarketType through as a plain string.
+        market = "spot" if kwargs.get("instance_market_options") == "spot" else "on-demand"
+        key = (str(kwargs.get("instance_type")), str(kwargs.get("subnet_id")), market)
+        faults.calls.append(key)
+        gate = faults.gates.get(key)
+        if gate is not None:
+            gate.wait(timeout=30)
+        if key in faults.errors:
+            code, message = faults.errors[key]
+            raise EC2ClientError(code, message)
+        return original(self, image_id, count, user_data, security_group_names, **kwargs)
+
+    InstanceBackend.run_instances = run_instances  # type: ignore[method-assign]
+    return original
+
+
+def _parse_rfc3339(value: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (TypeError, ValueError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[Cloud]:
+    faults = LaunchFaults()
+    original = _patch_run_instances(faults)
+    # moto parses Choice timestamps only as %Y-%m-%dT%H:%M:%SZ (no fractions, no offsets),
+    # so every comparison with our millisecond timestamps is false there; AWS accepts
+    # RFC 3339. Teach moto RFC 3339 so the wall-clock guard is exercised as on AWS.
+    original_parse = IsTimestamp.string_to_timestamp
+    IsTimestamp.string_to_timestamp = staticmethod(_parse_rfc3339)  # type: ignore[assignment]
+    with mock_aws(config=MOTO_CONFIG):
+        try:
+            yield _build_cloud(faults)
+        finally:
+            faults.clear()
+            InstanceBackend.run_instances = original  # type: ignore[method-assign]
+            IsTimestamp.string_to_timestamp = original_parse  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _reset_faults(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "cloud" in request.fixturenames:
+        request.getfixturevalue("cloud").faults.clear()
+
+
+def _build_cloud(faults: LaunchFaults) -> Cloud:
+    ddb = boto3.client("dynamodb", region_name=REGION)
+    ec2 = boto3.client("ec2", region_name=REGION)
+    sfn = boto3.client("stepfunctions", region_name=REGION)
+    sns = boto3.client("sns", region_name=REGION)
+    sqs = boto3.client("sqs", region_name=REGION)
+    iam = boto3.client("iam", region_name=REGION)
+
+    table = "trainctl-jobs"
+    ddb.create_table(
+        TableName=table,
+        BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[
+            {"AttributeName": JOBS_PARTITION_KEY, "AttributeType": "S"},
+            {"AttributeName": JOBS_INSTANCE_ATTRIBUTE, "AttributeType": "S"},
+        ],
+        KeySchema=[{"AttributeName": JOBS_PARTITION_KEY, "KeyType": "HASH"}],
+        GlobalSecondaryIndexes=[
+            {
+                "IndexName": JOBS_BY_INSTANCE_INDEX,
+                "KeySchema": [{"AttributeName": JOBS_INSTANCE_ATTRIBUTE, "KeyType": "HASH"}],
+                "Projection": {"ProjectionType": "ALL"},
+            }
+        ],
+    )
+    topic_arn = sns.create_topic(Name="trainctl-alerts")["TopicArn"]
+    queue_url = sqs.create_queue(QueueName="trainctl-alerts-inbox")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    sns.subscribe(TopicArn=topic_arn, Protocol="sqs", Endpoint=queue_arn)
+
+    vpc_id = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnets = [
+        ec2.create_subnet(VpcId=vpc_id, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=f"{REGION}{az}")[
+            "Subnet"
+        ]["SubnetId"]
+        for i, az in enumerate("abc")
+    ]
+    template = ec2.create_launch_template(
+        LaunchTemplateName="trainctl",
+        LaunchTemplateData={"ImageId": "ami-12345678", "InstanceType": "m5.large"},
+    )["LaunchTemplate"]
+
+    role_arn = iam.create_role(RoleName="trainctl-resume", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    definition = render(
+        load_resume_definition(),
+        substitutions(
+            jobs_table_name=table,
+            alerts_topic_arn=topic_arn,
+            launch_template_id=template["LaunchTemplateId"],
+            launch_template_version=str(template["LatestVersionNumber"]),
+            tuning=TEST_TUNING,
+        ),
+    )
+    state_machine_arn = sfn.create_state_machine(
+        name="trainctl-resume", definition=definition, roleArn=role_arn
+    )["stateMachineArn"]
+    return Cloud(
+        ddb=ddb,
+        ec2=ec2,
+        sfn=sfn,
+        sqs=sqs,
+        table=table,
+        topic_arn=topic_arn,
+        queue_url=queue_url,
+        subnets=subnets,
+        launch_template_id=template["LaunchTemplateId"],
+        state_machine_arn=state_machine_arn,
+        definition=definition,
+        faults=faults,
+    )
+
+
+def utc(seconds_from_now: float = 0) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds_from_now)

@@ -1,0 +1,431 @@
+"""The resume workflow under every fault of issue #4, executed by moto's interpreter.
+
+Each test drives the definition exactly as deployed (see conftest) and asserts on what
+the rest of the system would see: the job row, the instances in EC2, the SNS messages and
+the execution history.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.workflow.conftest import Cloud, tags_of
+from trainctl_core import jobs
+from trainctl_core.jobs import CapacityPool, InterruptionReason, Job, JobStatus
+from trainctl_core.settings import TAG_ATTEMPT, TAG_JOB_ID, TAG_MANAGED
+
+
+def _replacement(cloud: Cloud, job_id: str, attempt: int) -> list[dict[str, Any]]:
+    return [i for i in cloud.instances_of(job_id) if tags_of(i).get(TAG_ATTEMPT) == str(attempt)]
+
+
+def _wait_for_instance(cloud: Cloud, job_id: str, attempt: int, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = _replacement(cloud, job_id, attempt)
+        if found:
+            return found[0]
+        time.sleep(0.02)
+    raise AssertionError(f"no instance for {job_id} attempt {attempt}")
+
+
+def _task_events(cloud: Cloud, arn: str, kind: str) -> list[dict[str, Any]]:
+    return [e for e in cloud.history(arn) if e["type"] == kind]
+
+
+def _resource_of(event: dict[str, Any]) -> str:
+    details = next(v for k, v in event.items() if k.endswith("EventDetails"))
+    return str(details.get("resource"))
+
+
+def _assert_recovered(
+    cloud: Cloud, job: Job, arn: str, *, kind: str, step: int | None, pool: CapacityPool
+) -> dict[str, Any]:
+    """Shared checks of a successful recovery; returns the replacement instance."""
+    described = cloud.wait(arn)
+    assert described["status"] == "SUCCEEDED", described.get("cause")
+    row = cloud.store.raw(job.job_id)
+    record = cloud.store.get(job.job_id)
+    assert record.status is JobStatus.LAUNCHING
+    assert record.attempt == job.attempt + 1
+    assert record.version == job.version + 1
+    assert record.resume_point is not None and record.resume_point.kind == kind
+    assert record.resume_point.step == step
+    # The token is spent: the agent of the next attempt must not answer it.
+    assert "task_token" not in row and "task_token_attempt" not in row
+    new = record.attempts[-1]
+    assert (new.attempt, new.instance_id, new.pool) == (record.attempt, record.instance_id, pool.label)
+
+    instance = next(i for i in cloud.instances_of(job.job_id) if i["InstanceId"] == record.instance_id)
+    assert (instance["InstanceType"], instance["SubnetId"]) == (pool.instance_type, pool.subnet_id)
+    assert (
+        tags_of(instance).items()
+        >= {TAG_MANAGED: "true", TAG_JOB_ID: job.job_id, TAG_ATTEMPT: str(record.attempt)}.items()
+    )
+    assert len(_replacement(cloud, job.job_id, record.attempt)) == 1  # never launched twice
+
+    (message,) = cloud.messages(job.job_id)
+    body = message["body"]
+    assert body["instance_id"] == record.instance_id
+    assert body["attempt"] == record.attempt
+    assert body["checkpoint"] == kind
+    assert body["pool"] == pool.label
+    return instance
+
+
+# --- happy paths ------------------------------------------------------------------------
+
+
+def test_handshake_answered_before_the_launch_finishes(cloud: Cloud) -> None:
+    # Given a job interrupted on pool 0 while pool 1's RunInstances is slow
+    pools = cloud.pools("m5.large", "m5.xlarge", "c5.large")
+    job = cloud.interrupted_job(pools, periodic_step=100)
+    gate = cloud.faults.hold(pools[1])
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning"))
+    try:
+        # When the agent records its final checkpoint while the launch is in flight
+        cloud.wait_for_token(job)
+        cloud.agent_checkpoint(job, 150, final=True)
+    finally:
+        gate.set()
+
+    # Then the replacement runs in the next pool (the reclaimed one is skipped), from step 150
+    instance = _assert_recovered(cloud, job, arn, kind="final", step=150, pool=pools[1])
+    assert instance.get("InstanceLifecycle") == "spot"
+    succeeded = [_resource_of(e) for e in _task_events(cloud, arn, "TaskSucceeded")]
+    assert succeeded.index("updateItem.waitForTaskToken") < succeeded.index("runInstances")
+
+
+def test_handshake_answered_after_the_launch_finished(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=100)
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=30))
+
+    # The replacement exists before the old instance is done checkpointing...
+    _wait_for_instance(cloud, job.job_id, job.attempt + 1)
+    assert cloud.sfn.describe_execution(executionArn=arn)["status"] == "RUNNING"
+    assert cloud.store.get(job.job_id).status is JobStatus.INTERRUPTED  # not recorded before the handshake
+    cloud.wait_for_token(job)
+    cloud.agent_checkpoint(job, 130, final=True)
+
+    _assert_recovered(cloud, job, arn, kind="final", step=130, pool=pools[1])
+    succeeded = [_resource_of(e) for e in _task_events(cloud, arn, "TaskSucceeded")]
+    assert succeeded.index("runInstances") < succeeded.index("updateItem.waitForTaskToken")
+
+
+def test_final_checkpoint_recorded_before_the_token_was_stored(cloud: Cloud) -> None:
+    # Given the agent was fast: the final checkpoint is on the row before the workflow runs
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=100)
+    row = cloud.agent_checkpoint(job, 140, final=True)
+    assert "task_token" not in row  # nobody to answer yet
+
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning"))
+
+    # Then the token write's condition fails and the workflow reads the final checkpoint
+    _assert_recovered(cloud, job, arn, kind="final", step=140, pool=pools[1])
+    failed = _task_events(cloud, arn, "TaskFailed")
+    assert [e["taskFailedEventDetails"]["error"] for e in failed] == [
+        "DynamoDb.ConditionalCheckFailedException"
+    ]
+
+
+def test_handshake_timeout_falls_back_to_the_newest_periodic_checkpoint(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=100)
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=1))
+
+    _assert_recovered(cloud, job, arn, kind="fallback", step=100, pool=pools[1])
+    assert any(e["type"] == "TaskTimedOut" for e in cloud.history(arn))
+
+
+def test_terminated_without_notice_does_not_wait_and_resumes_from_periodic(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=90, reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE)
+    arn = cloud.start(cloud.workflow_input(job, "terminated-without-notice", deadline=None))
+
+    _assert_recovered(cloud, job, arn, kind="fallback", step=90, pool=pools[1])
+    assert "AwaitFinalCheckpoint" not in cloud.entered_states(arn)
+
+
+def test_launch_starts_a_new_job_through_the_same_path(cloud: Cloud) -> None:
+    pools = cloud.pools("g5.xlarge", "g5.2xlarge")
+    job = cloud.new_job(pools)
+    arn = cloud.start(cloud.workflow_input(job, "launch"))
+
+    described = cloud.wait(arn)
+    assert described["status"] == "SUCCEEDED", described.get("cause")
+    record = cloud.store.get(job.job_id)
+    assert (record.status, record.attempt, record.version) == (JobStatus.LAUNCHING, 0, 1)
+    assert record.resume_point is not None and record.resume_point.kind == "none"
+    (instance,) = cloud.instances_of(job.job_id)
+    assert instance["InstanceId"] == record.instance_id
+    assert (instance["InstanceType"], tags_of(instance)[TAG_ATTEMPT]) == ("g5.xlarge", "0")
+    assert [a.pool for a in record.attempts] == [pools[0].label]
+    assert "AwaitFinalCheckpoint" not in cloud.entered_states(arn)
+    (message,) = cloud.messages(job.job_id)
+    assert message["body"]["event"] == "launch"
+
+
+# --- capacity ---------------------------------------------------------------------------
+
+
+def test_first_two_pools_out_of_capacity_launches_in_the_third(cloud: Cloud) -> None:
+    # Given pools A..D, running on D (reclaimed), with A and B out of Spot capacity
+    pools = cloud.pools("m5.large", "m5.xlarge", "c5.large", "c5.xlarge")
+    job = cloud.running_job(pools, pool_index=3)
+    job = cloud.store.apply(
+        jobs.mark_interrupted(
+            job, instance_id=job.instance_id or "", reason=InterruptionReason.SPOT_WARNING, now=jobs.utcnow()
+        )
+    )
+    cloud.faults.calls.clear()
+    cloud.faults.out_of_capacity(pools[0], code="InsufficientInstanceCapacity")
+    cloud.faults.out_of_capacity(pools[1], code="SpotMaxPriceTooLow")
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=1))
+
+    _assert_recovered(cloud, job, arn, kind="none", step=None, pool=pools[2])
+    assert cloud.faults.calls == [(p.instance_type, p.subnet_id, "spot") for p in pools[:3]]
+    output = json.loads(cloud.wait(arn)["output"])
+    assert output["pools_tried"].count("no capacity") == 2 and pools[2].label in output["pools_tried"]
+
+
+@pytest.mark.parametrize(
+    "code", ["MaxSpotInstanceCountExceeded", "Unsupported", "InsufficientFreeAddressesInSubnet"]
+)
+def test_every_capacity_code_moves_to_the_next_pool(cloud: Cloud, code: str) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge", "c5.large")
+    job = cloud.interrupted_job(pools, reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE)
+    cloud.faults.out_of_capacity(pools[1], code=code)
+    arn = cloud.start(cloud.workflow_input(job, "terminated-without-notice", deadline=None))
+
+    _assert_recovered(cloud, job, arn, kind="none", step=None, pool=pools[2])
+
+
+def test_all_spot_pools_out_uses_on_demand_when_allowed(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge", "c5.large")
+    job = cloud.interrupted_job(
+        pools, allow_on_demand=True, reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE
+    )
+    for pool in pools:
+        cloud.faults.out_of_capacity(pool, market="spot")
+    cloud.faults.calls.clear()
+    arn = cloud.start(cloud.workflow_input(job, "terminated-without-notice", deadline=None))
+
+    instance = _assert_recovered(cloud, job, arn, kind="none", step=None, pool=pools[0])
+    assert "InstanceLifecycle" not in instance  # on-demand
+    # Spot in order with the reclaimed pool last, then on-demand from the top.
+    order = [pools[1], pools[2], pools[0]]
+    assert cloud.faults.calls == [(p.instance_type, p.subnet_id, "spot") for p in order] + [
+        (pools[0].instance_type, pools[0].subnet_id, "on-demand")
+    ]
+
+
+def test_all_spot_pools_out_fails_the_job_when_on_demand_is_not_allowed(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=10)
+    for pool in pools:
+        cloud.faults.out_of_capacity(pool)
+    cloud.faults.calls.clear()
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=30))
+
+    described = cloud.wait(arn)
+    assert (described["status"], described["error"]) == ("FAILED", "trainctl.JobFailed")
+    record = cloud.store.get(job.job_id)
+    assert record.status is JobStatus.FAILED
+    assert record.failure_reason and "trainctl.CapacityExhausted" in record.failure_reason
+    # Bounded: two rounds (test tuning) over both pools, with a backoff between them.
+    assert len(cloud.faults.calls) == 2 * len(pools)
+    assert cloud.entered_states(arn).count("Backoff") == 1
+    assert _replacement(cloud, job.job_id, job.attempt + 1) == []
+    # The old instance goes with the job; the alert names the reason.
+    (old,) = [i for i in cloud.instances_of(job.job_id) if i["InstanceId"] == job.instance_id]
+    assert old["State"]["Name"] in ("shutting-down", "terminated")
+    (message,) = cloud.messages(job.job_id)
+    assert message["body"]["event"] == "job-failed"
+    assert "CapacityExhausted" in message["body"]["failure_reason"]
+
+
+def test_a_non_capacity_launch_error_fails_clearly(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge", "c5.large")
+    job = cloud.interrupted_job(pools, periodic_step=10)
+    cloud.faults.fail(
+        pools[1], "spot", "InvalidParameterValue", "Value (ami-0) for parameter image is invalid."
+    )
+    cloud.faults.calls.clear()
+    started = time.monotonic()
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=60))
+
+    described = cloud.wait(arn)
+    # The waiting handshake branch is abandoned, not waited for.
+    assert time.monotonic() - started < 30
+    assert described["status"] == "FAILED"
+    record = cloud.store.get(job.job_id)
+    assert record.status is JobStatus.FAILED
+    assert record.failure_reason and "trainctl.LaunchFailed" in record.failure_reason
+    assert "is invalid" in record.failure_reason
+    assert len(cloud.faults.calls) == 1  # no other pool tried
+    assert [m["body"]["event"] for m in cloud.messages(job.job_id)] == ["job-failed"]
+
+
+# --- guards -----------------------------------------------------------------------------
+
+
+def test_max_interruptions_reached_fails_the_job_without_launching(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, limits=jobs.JobLimits(max_interruptions=0))
+    cloud.faults.calls.clear()
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning"))
+
+    described = cloud.wait(arn)
+    assert (described["status"], described["error"]) == ("FAILED", "trainctl.JobFailed")
+    assert "max interruptions reached: 1 of 0" in described["cause"]
+    record = cloud.store.get(job.job_id)
+    assert (record.status, record.version) == (JobStatus.FAILED, job.version + 1)
+    assert record.failure_reason == "max interruptions reached: 1 of 0"
+    assert cloud.faults.calls == []
+    assert "Recover" not in cloud.entered_states(arn)
+    (message,) = cloud.messages(job.job_id)
+    assert message["body"]["failure_reason"] == record.failure_reason
+
+
+def test_wall_clock_limit_reached_fails_the_job(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large")
+    job = cloud.new_job(pools, limits=jobs.JobLimits(max_hours=0.0001))  # 0.36 s
+    time.sleep(0.5)
+    arn = cloud.start(cloud.workflow_input(job, "launch"))
+
+    described = cloud.wait(arn)
+    assert described["status"] == "FAILED"
+    record = cloud.store.get(job.job_id)
+    assert record.status is JobStatus.FAILED
+    assert record.failure_reason and record.failure_reason.startswith("max wall-clock reached")
+    assert cloud.instances_of(job.job_id) == []
+
+
+def test_budget_reached_fails_the_job(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, limits=jobs.JobLimits(budget_usd=5.0))
+    cloud.ddb.update_item(
+        TableName=cloud.table,
+        Key={"pk": {"S": f"JOB#{job.job_id}"}},
+        UpdateExpression="SET cost_usd = :c",
+        ExpressionAttributeValues={":c": {"N": "5.5"}},
+    )
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning"))
+
+    assert cloud.wait(arn)["status"] == "FAILED"
+    record = cloud.store.get(job.job_id)
+    assert record.status is JobStatus.FAILED
+    assert record.failure_reason == "budget reached: cost 5.5 USD of 5.0 USD"
+
+
+# --- concurrency and bad requests --------------------------------------------------------
+
+
+def test_job_cancelled_mid_flight_terminates_the_new_instance(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE)
+    gate = cloud.faults.hold(pools[1])
+    arn = cloud.start(cloud.workflow_input(job, "terminated-without-notice", deadline=None))
+    try:
+        # While the replacement is being launched, the user cancels the job.
+        deadline = time.monotonic() + 10
+        while (pools[1].instance_type, pools[1].subnet_id, "spot") not in cloud.faults.calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        cloud.store.apply(jobs.mark_cancelled(cloud.store.get(job.job_id), now=jobs.utcnow()))
+    finally:
+        gate.set()
+
+    described = cloud.wait(arn)
+    assert described["status"] == "SUCCEEDED"
+    assert "JobCancelled" in cloud.entered_states(arn)
+    record = cloud.store.get(job.job_id)
+    assert (record.status, record.instance_id, record.attempt) == (
+        JobStatus.CANCELLED,
+        job.instance_id,
+        job.attempt,
+    )
+    (replacement,) = _replacement(cloud, job.job_id, job.attempt + 1)
+    assert replacement["State"]["Name"] in ("shutting-down", "terminated")
+    assert cloud.messages(job.job_id) == []
+
+
+MALFORMED: list[tuple[str, dict[str, Any]]] = [
+    ("job_id", {"job_id": None}),
+    ("job_id", {"job_id": 42}),
+    ("reason", {"reason": "power-outage"}),
+    ("reason", {"reason": None}),
+    ("attempt", {"attempt": "1"}),
+    ("attempt", {"attempt": -1}),
+    ("instance_id", {"instance_id": None}),
+    ("deadline", {"deadline": "tomorrow"}),
+    ("handshake_timeout_seconds", {"handshake_timeout_seconds": "soon"}),
+]
+
+
+@pytest.mark.parametrize(("field", "change"), MALFORMED, ids=[f"{f}={v}" for f, v in MALFORMED])
+def test_malformed_input_fails_at_once_touching_nothing(
+    cloud: Cloud, field: str, change: dict[str, Any]
+) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools)
+    payload = cloud.workflow_input(job, "spot-warning") | change
+    arn = cloud.start(payload, name=f"{job.job_id}-bad")
+
+    described = cloud.wait(arn)
+    assert (described["status"], described["error"]) == ("FAILED", "trainctl.InvalidInput")
+    assert field in described["cause"]
+    assert not any(e["type"] == "TaskScheduled" for e in cloud.history(arn))
+    assert cloud.store.get(job.job_id).version == job.version
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"job_id": "x", "instance_id": "i-1", "attempt": 0, "reason": "launch", "deadline": None},
+        {"job_id": "x", "instance_id": None, "attempt": 2, "reason": "launch", "deadline": None},
+        {"instance_id": "i-1", "attempt": 0, "reason": "spot-warning", "deadline": None},
+    ],
+    ids=["launch-with-instance", "launch-not-attempt-0", "missing-job-id"],
+)
+def test_inconsistent_launch_input_is_rejected(cloud: Cloud, payload: dict[str, Any]) -> None:
+    arn = cloud.start(payload, name=f"bad-{time.monotonic_ns()}")
+    described = cloud.wait(arn)
+    assert (described["status"], described["error"]) == ("FAILED", "trainctl.InvalidInput")
+
+
+def test_stale_request_leaves_the_job_alone(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools)
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", instance_id="i-0123456789abcdef0"))
+
+    described = cloud.wait(arn)
+    assert (described["status"], described["error"]) == ("FAILED", "trainctl.StaleRequest")
+    assert cloud.store.get(job.job_id).version == job.version
+    assert _replacement(cloud, job.job_id, job.attempt + 1) == []
+
+
+def test_duplicate_start_of_the_same_execution_launches_once(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE)
+    gate = cloud.faults.hold(pools[1])
+    payload = cloud.workflow_input(job, "terminated-without-notice", deadline=None)
+    try:
+        first = cloud.start(payload)
+        # The same start again (a duplicate event delivery) is the same execution...
+        assert cloud.start(payload) == first
+        # ...and a different request under the same name is refused.
+        with pytest.raises(cloud.sfn.exceptions.ExecutionAlreadyExists):
+            cloud.start(payload | {"deadline": "2030-01-01T00:00:00Z"})
+    finally:
+        gate.set()
+
+    _assert_recovered(cloud, job, first, kind="none", step=None, pool=pools[1])
+    executions = cloud.sfn.list_executions(stateMachineArn=cloud.state_machine_arn)["executions"]
+    assert [e["name"] for e in executions].count(jobs.execution_name(job.job_id, job.attempt)) == 1

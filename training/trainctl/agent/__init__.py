@@ -1,0 +1,1 @@
+"""The on-instance agent: supervises the training process and reacts to interruptions."""

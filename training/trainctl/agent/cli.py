@@ -1,0 +1,170 @@
+"""Entry points the typer CLI wires up: `trainctl agent` and `trainctl checkpoint-now`.
+
+Configuration comes from flags or the environment (flags win); endpoints only from the
+standard AWS variables (`AWS_ENDPOINT_URL`, `AWS_EC2_METADATA_SERVICE_ENDPOINT`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from trainctl import runtime_env as env
+
+logger = logging.getLogger("trainctl.agent")
+
+EXIT_CHECKPOINT_FAILED = 2
+
+
+def _agent_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainctl agent", description="Run a training command under the trainctl agent."
+    )
+    parser.add_argument("--job-id", default=os.environ.get(env.JOB_ID))
+    parser.add_argument("--instance-id", default=os.environ.get(env.INSTANCE_ID), help="default: from IMDS")
+    parser.add_argument(
+        "--attempt", type=int, default=_int_env(env.ATTEMPT), help="default: from the job row"
+    )
+    parser.add_argument("--table", default=os.environ.get(env.JOBS_TABLE))
+    parser.add_argument("--bucket", default=os.environ.get(env.CHECKPOINT_BUCKET))
+    parser.add_argument(
+        "--region", default=os.environ.get(env.REGION) or os.environ.get("AWS_DEFAULT_REGION")
+    )
+    parser.add_argument("--socket", default=os.environ.get(env.AGENT_SOCKET, env.DEFAULT_AGENT_SOCKET))
+    parser.add_argument("--staging-dir", default=os.environ.get(env.STAGING_DIR))
+    parser.add_argument("--imds-poll-seconds", type=float, default=5.0)
+    parser.add_argument("--heartbeat-seconds", type=float, default=30.0)
+    parser.add_argument("--resume-wait-seconds", type=float, default=900.0)
+    parser.add_argument("--no-imds", action="store_true", help="do not poll IMDS (SSM signals only)")
+    parser.add_argument(
+        "--shutdown-command",
+        default="shutdown -h now",
+        help="run after the job succeeds ('' to keep the machine up, e.g. locally)",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
+    return parser
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def agent_main(argv: Sequence[str] | None = None) -> int:
+    """`trainctl agent [flags] -- python train.py ...`; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = _agent_parser().parse_args(list(argv) if argv is not None else None)
+    command = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] else list(args.command)
+    if not command:
+        print(
+            "trainctl agent: no training command given (use: trainctl agent -- python train.py)",
+            file=sys.stderr,
+        )
+        return 64
+
+    from trainctl.agent.imds import ImdsClient, ImdsUnavailable
+    from trainctl.agent.supervisor import Agent, AgentConfig
+    from trainctl_core import clients
+    from trainctl_core.store import JobStore
+    from trainctl_core.workflow import Handshake
+
+    imds = None if args.no_imds else ImdsClient()
+    instance_id = args.instance_id
+    job_id = args.job_id
+    if imds is not None and (not instance_id or not job_id):
+        try:
+            instance_id = instance_id or imds.instance_id()
+            # Instances launched by trainctl carry their job id as a tag (metadata tags on).
+            from trainctl_core.settings import TAG_JOB_ID
+
+            job_id = job_id or imds.tag(TAG_JOB_ID)
+        except ImdsUnavailable as exc:
+            logger.warning("IMDS unavailable: %s", exc)
+    missing = [
+        name
+        for name, value in (("--job-id", job_id), ("--instance-id", instance_id), ("--table", args.table))
+        if not value
+    ]
+    if missing:
+        print(
+            f"trainctl agent: missing {', '.join(missing)} (flags or TRAINCTL_* variables)", file=sys.stderr
+        )
+        return 64
+    child_env = {}
+    if args.bucket:
+        child_env[env.CHECKPOINT_BUCKET] = args.bucket
+        child_env[env.CHECKPOINT_PREFIX] = f"s3://{args.bucket}/{job_id}/ckpt/"
+    if args.region:
+        child_env[env.REGION] = args.region
+    if args.staging_dir:
+        child_env[env.STAGING_DIR] = args.staging_dir
+    config = AgentConfig(
+        job_id=job_id,
+        instance_id=instance_id,
+        attempt=args.attempt,
+        command=command,
+        socket_path=args.socket,
+        child_env=child_env,
+        imds_poll_seconds=args.imds_poll_seconds,
+        heartbeat_seconds=args.heartbeat_seconds,
+        resume_wait_seconds=args.resume_wait_seconds,
+        shutdown_command=shlex.split(args.shutdown_command) or None,
+    )
+    agent = Agent(
+        config,
+        JobStore(clients.client("dynamodb", args.region), args.table),
+        handshake=Handshake(clients.client("stepfunctions", args.region)),
+        imds=imds,
+    )
+    return agent.run()
+
+
+def checkpoint_now_main(argv: Sequence[str] | None = None) -> int:
+    """`trainctl checkpoint-now --job-id X --deadline ISO`: 0 once durable, 2 otherwise."""
+    parser = argparse.ArgumentParser(
+        prog="trainctl checkpoint-now", description="Ask the agent for a checkpoint now."
+    )
+    parser.add_argument("--job-id", default=os.environ.get(env.JOB_ID))
+    parser.add_argument("--deadline", help="ISO 8601; the wait ends a few seconds before it")
+    parser.add_argument("--socket", default=os.environ.get(env.AGENT_SOCKET, env.DEFAULT_AGENT_SOCKET))
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds (default: until the deadline, else 115)"
+    )
+    args = parser.parse_args(list(argv) if argv is not None else None)
+
+    from trainctl.agent.ipc import CheckpointRequestFailed, request_checkpoint
+
+    timeout = args.timeout or _seconds_until(args.deadline) or 115.0
+    try:
+        answer = request_checkpoint(args.socket, job_id=args.job_id, deadline=args.deadline, timeout=timeout)
+    except CheckpointRequestFailed as exc:
+        print(f"trainctl checkpoint-now: checkpoint not durable: {exc}", file=sys.stderr)
+        return EXIT_CHECKPOINT_FAILED
+    print(f"checkpoint durable: step {answer.get('step')} at {answer.get('prefix')}")
+    return 0
+
+
+def _seconds_until(deadline: str | None) -> float | None:
+    if not deadline:
+        return None
+    try:
+        moment = datetime.fromisoformat(deadline.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    # Leave a little margin so the SSM command reports before the instance is reclaimed.
+    return max(1.0, (moment - datetime.now(UTC)).total_seconds() - 2.0)
+
+
+def main_agent() -> None:
+    raise SystemExit(agent_main())
+
+
+def main_checkpoint_now() -> None:
+    raise SystemExit(checkpoint_now_main())

@@ -1,0 +1,693 @@
+"""The Checkpointer: what a training script uses to save and restore.
+
+    ckpt = Checkpointer.from_env()
+    state = ckpt.restore()                # newest verified checkpoint, or None ("starting fresh")
+    for step in range(start, steps):
+        ...
+        if ckpt.due(step):
+            ckpt.save(make_state(), step)  # stall = one memcpy; write + upload in background
+        if ckpt.should_stop():            # the agent got the interruption notice
+            break
+
+Pipeline: `save` snapshots into a reused host buffer (the only stall) and hands it to a
+writer thread (buffer -> staging dir, fsync, hash, atomic rename), which hands the staged
+files to an uploader thread (files concurrently via s3transfer, `manifest.json` last).
+When the agent forwards a notice (IPC message and/or SIGUSR1), the *next* `save` is
+urgent: it waits for the buffer if a write is running, cancels a periodic upload in
+progress, and returns only once its manifest is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from trainctl import runtime_env as env
+from trainctl.snapshot import SKELETON_FILE, Snapshot, Snapshotter, load_snapshot, write_snapshot
+from trainctl_core import checkpoints as layout
+from trainctl_core.checkpoints import (
+    CheckpointStorage,
+    LocalCheckpointStorage,
+    Manifest,
+    ManifestFile,
+    S3CheckpointStorage,
+    Skipped,
+)
+from trainctl_core.jobs import CheckpointRef
+
+logger = logging.getLogger("trainctl.checkpoint")
+
+FILES_DIR = "files"
+"""Directory-mode files (HF/Lightning checkpoint folders) live under this sub-path."""
+
+
+class CheckpointFailed(RuntimeError):
+    """An urgent checkpoint did not become durable in time."""
+
+
+class AgentLink(Protocol):
+    """The Checkpointer's line to the agent (see trainctl.agent.ipc.AgentConnection)."""
+
+    def send(self, message: dict[str, Any]) -> None: ...
+
+    def is_current(self, timeout: float) -> bool | None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DurableCheckpoint:
+    step: int
+    location: str
+    prefix: str
+    attempt: int
+    created_at: datetime
+    urgent: bool
+    size: int
+
+    def ref(self) -> CheckpointRef:
+        return CheckpointRef(
+            step=self.step, prefix=self.prefix, attempt=self.attempt, created_at=self.created_at
+        )
+
+
+@dataclass(frozen=True)
+class Restored:
+    step: int
+    manifest: Manifest
+    paths: dict[str, str]
+
+    @property
+    def files_dir(self) -> str | None:
+        """Local folder holding the directory-mode files (for `resume_from_checkpoint`)."""
+        for relative, local in self.paths.items():
+            if relative.startswith(FILES_DIR + "/"):
+                return local[: -len(relative)] + FILES_DIR
+        return None
+
+
+@dataclass
+class _Save:
+    step: int
+    urgent: bool
+    snapshot: Snapshot | None
+    directory: str | None
+    extra: dict[str, Any]
+    created_at: datetime = field(default_factory=layout.utcnow)
+    files: list[tuple[str, ManifestFile]] = field(default_factory=list)  # (local path, entry)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: DurableCheckpoint | None = None
+    error: BaseException | None = None
+    dropped: bool = False
+    staged: str | None = None
+
+
+class Checkpointer:
+    """Stall-free, verified checkpoints; see the module docstring for the pipeline."""
+
+    def __init__(
+        self,
+        storage: CheckpointStorage,
+        *,
+        job_id: str,
+        staging_dir: str,
+        attempt: int = 0,
+        instance_id: str = "local",
+        keep: int = 3,
+        interval_seconds: float | None = None,
+        interval_steps: int | None = None,
+        resume_step: int | None = None,
+        framework: str = "generic",
+        link: AgentLink | None = None,
+        direct_io: bool = True,
+        retry_initial_seconds: float = 1.0,
+        retry_max_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.storage = storage
+        self.job_id = job_id
+        self.attempt = attempt
+        self.instance_id = instance_id
+        self.keep = keep
+        self.interval_seconds = interval_seconds
+        self.interval_steps = interval_steps
+        self.resume_step = resume_step
+        self.framework = framework
+        self.staging_dir = staging_dir
+        self.link = link
+        self.direct_io = direct_io
+        self._retry_initial = retry_initial_seconds
+        self._retry_max = retry_max_seconds
+        self._clock = clock
+        self._snapshotter = Snapshotter()
+        self._cv = threading.Condition()
+        self._buffer_busy = False
+        self._write_queue: list[_Save] = []
+        self._upload_pending: _Save | None = None  # newest periodic save waiting to upload
+        self._upload_urgent: _Save | None = None
+        self._closing = False
+        self._owns_storage = False  # from_env builds (and so closes) its own storage
+        self._uploading = False
+        self.superseded = False
+        # Requests arrive from a signal handler or the agent link: plain attributes only
+        # (a signal handler must not take locks).
+        self._request_pending = False
+        self._stop_requested = False
+        self._stop_after_save = False
+        self._last_save_at = clock()
+        self._last_progress_at = 0.0
+        self.last_durable: DurableCheckpoint | None = None
+        self.restored_step: int | None = None
+        self.restored: Restored | None = None
+        self.fresh_reason: str | None = None
+        self.skipped_saves = 0
+        os.makedirs(staging_dir, exist_ok=True)
+        self._writer = threading.Thread(target=self._write_loop, name="trainctl-ckpt-writer", daemon=True)
+        self._uploader = threading.Thread(
+            target=self._upload_loop, name="trainctl-ckpt-uploader", daemon=True
+        )
+        self._writer.start()
+        self._uploader.start()
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        s3_client: Any = None,
+        install_signal_handlers: bool = True,
+        **overrides: Any,
+    ) -> Checkpointer:
+        """Build from the `TRAINCTL_*` variables the agent sets (or local defaults).
+
+        With `TRAINCTL_CHECKPOINT_BUCKET` checkpoints go to S3, else to the local directory
+        `TRAINCTL_CHECKPOINT_DIR` (default `./checkpoints`), same layout.
+        """
+        source = os.environ if environ is None else environ
+        job_id = source.get(env.JOB_ID, "local")
+        bucket = source.get(env.CHECKPOINT_BUCKET)
+        storage: CheckpointStorage
+        if bucket:
+            if s3_client is None:
+                from trainctl_core import clients
+
+                s3_client = clients.client("s3", source.get(env.REGION) or None)
+            storage = S3CheckpointStorage(s3_client, bucket, job_id)
+        else:
+            storage = LocalCheckpointStorage(source.get(env.CHECKPOINT_DIR, "checkpoints"), job_id)
+        link = None
+        socket_path = source.get(env.AGENT_SOCKET)
+        if socket_path:
+            from trainctl.agent.ipc import AgentConnection
+
+            link = AgentConnection.try_connect(socket_path)
+        resume = source.get(env.RESUME_STEP)
+        interval = source.get(env.CHECKPOINT_INTERVAL_SECONDS)
+        kwargs: dict[str, Any] = {
+            "job_id": job_id,
+            "attempt": int(source.get(env.ATTEMPT, "0")),
+            "instance_id": source.get(env.INSTANCE_ID, "local"),
+            "keep": int(source.get(env.CHECKPOINT_KEEP, "3")),
+            "interval_seconds": float(interval) if interval else None,
+            "resume_step": int(resume) if resume else None,
+            "staging_dir": source.get(env.STAGING_DIR)
+            or os.path.join(
+                source.get(env.CHECKPOINT_DIR, "checkpoints") if not bucket else env.DEFAULT_STAGING_DIR,
+                ".staging",
+            ),
+            "link": link,
+        }
+        kwargs.update(overrides)
+        checkpointer = cls(storage, **kwargs)
+        checkpointer._owns_storage = True
+        if link is not None:
+            link.attach(checkpointer)  # type: ignore[attr-defined]
+        if install_signal_handlers:
+            checkpointer.install_signal_handlers()
+        return checkpointer
+
+    def install_signal_handlers(self) -> None:
+        """SIGUSR1: checkpoint now and stop (notice); SIGUSR2: checkpoint now, continue."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGUSR1, lambda *_: self.request(stop=True))
+        signal.signal(signal.SIGUSR2, lambda *_: self.request(stop=False))
+        if self.link is not None:
+            self.link.send({"op": "signals", "pid": os.getpid()})
+
+    # --- requests (signal handler / agent link) -------------------------------------------
+
+    def request(self, *, stop: bool) -> None:
+        """Ask for a checkpoint at the next `due()`; with `stop`, `should_stop()` turns
+        True once it is durable. Safe to call from a signal handler."""
+        self._request_pending = True
+        if stop:
+            self._stop_after_save = True
+
+    @property
+    def requested(self) -> bool:
+        return self._request_pending
+
+    def should_stop(self) -> bool:
+        """True once the urgent checkpoint asked for by a notice is durable."""
+        return self._stop_requested
+
+    def due(self, step: int) -> bool:
+        """Should the training loop call `save` now (interval reached or a request pending)?"""
+        now = self._clock()
+        if self.link is not None and now - self._last_progress_at >= 1.0:
+            self._last_progress_at = now
+            self.link.send({"op": "progress", "step": step, "t": time.time()})
+        if self._request_pending:
+            return True
+        if self.interval_steps and step % self.interval_steps == 0:
+            return True
+        return bool(self.interval_seconds) and now - self._last_save_at >= (self.interval_seconds or 0)
+
+    # --- saving ---------------------------------------------------------------------------
+
+    def save(
+        self,
+        state: Any,
+        step: int,
+        *,
+        extra: dict[str, Any] | None = None,
+        directory: str | None = None,
+        urgent: bool | None = None,
+        timeout: float | None = None,
+    ) -> DurableCheckpoint | None:
+        """Snapshot `state` (and/or the files of `directory`) as checkpoint `step`.
+
+        Periodic saves return at once after the in-memory snapshot (None); one that
+        finds the previous snapshot still being written is skipped rather than stall
+        training. An urgent save (a request is pending, or `urgent=True`) returns the
+        durable checkpoint or raises `CheckpointFailed` after `timeout`.
+        """
+        is_urgent = self._request_pending if urgent is None else urgent
+        if is_urgent:
+            return self.save_now(state, step, extra=extra, directory=directory, timeout=timeout)
+        with self._cv:
+            if state is not None and self._buffer_busy:
+                self.skipped_saves += 1
+                logger.info("checkpoint skipped: previous snapshot still being written (step %s)", step)
+                return None
+            self._last_save_at = self._clock()
+            self._snapshot_locked(state, step, extra, directory, urgent=False)
+        return None
+
+    def save_now(
+        self,
+        state: Any,
+        step: int,
+        *,
+        extra: dict[str, Any] | None = None,
+        directory: str | None = None,
+        timeout: float | None = None,
+    ) -> DurableCheckpoint:
+        """Checkpoint `step` with priority and return once its manifest is durable."""
+        stop = self._stop_after_save
+        started = self._clock()
+        with self._cv:
+            # Only one host buffer: wait for a periodic write to release it (seconds at
+            # most) instead of allocating a second, cold one.
+            while state is not None and self._buffer_busy:
+                self._cv.wait(0.1)
+            self._last_save_at = self._clock()
+            job = self._snapshot_locked(state, step, extra, directory, urgent=True)
+        remaining = None if timeout is None else max(0.0, timeout - (self._clock() - started))
+        if not job.done.wait(remaining):
+            raise CheckpointFailed(f"checkpoint at step {step} not durable within {timeout:.0f} s")
+        if job.error is not None:
+            raise CheckpointFailed(f"checkpoint at step {step} failed: {job.error}") from job.error
+        assert job.result is not None
+        self._request_pending = False
+        if stop:
+            self._stop_requested = True
+        return job.result
+
+    def _snapshot_locked(
+        self, state: Any, step: int, extra: dict[str, Any] | None, directory: str | None, *, urgent: bool
+    ) -> _Save:
+        snapshot = None
+        if state is not None:
+            snapshot = self._snapshotter.snapshot(state)
+            self._buffer_busy = True
+        if directory is not None:
+            # Hard-link the framework's files into staging now (no data copied): the
+            # framework may rotate its checkpoint folder away while we upload.
+            directory = self._link_into_staging(directory, step)
+        job = _Save(step=step, urgent=urgent, snapshot=snapshot, directory=directory, extra=dict(extra or {}))
+        if urgent:
+            # Cancel any periodic upload in progress: the link is for this one now.
+            self._upload_urgent = job
+        self._write_queue.append(job)
+        self._cv.notify_all()
+        return job
+
+    def _tmp_dir(self, step: int) -> str:
+        return os.path.join(self.staging_dir, f"{step:012d}.tmp-{os.getpid()}")
+
+    def _link_into_staging(self, directory: str, step: int) -> str:
+        tmp = self._tmp_dir(step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        target = os.path.join(tmp, FILES_DIR)
+        shutil.copytree(directory, target, copy_function=_link_or_copy)
+        return target
+
+    def flush(self, timeout: float | None = None) -> DurableCheckpoint | None:
+        """Wait until every queued save is durable (or dropped); returns the newest durable."""
+        deadline = None if timeout is None else self._clock() + timeout
+        with self._cv:
+            while (
+                self._write_queue
+                or self._buffer_busy
+                or self._upload_pending
+                or self._upload_urgent
+                or self._uploading
+            ):
+                left = None if deadline is None else deadline - self._clock()
+                if left is not None and left <= 0:
+                    break
+                self._cv.wait(0.1 if left is None else min(0.1, left))
+        return self.last_durable
+
+    def close(self, *, flush: bool = True, timeout: float | None = 600) -> None:
+        if flush:
+            self.flush(timeout)
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        self._writer.join(timeout=5)
+        self._uploader.join(timeout=5)
+        self._snapshotter.close()
+        if self.link is not None:
+            self.link.close()
+        close = getattr(self.storage, "close", None)
+        if close and self._owns_storage:
+            close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- background: write -------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._write_queue and not self._closing:
+                    self._cv.wait()
+                if not self._write_queue:
+                    return
+                job = self._write_queue.pop(0)
+            try:
+                self._stage(job)
+            except BaseException as exc:
+                logger.exception("checkpoint at step %s could not be staged", job.step)
+                job.error = exc
+                job.done.set()
+            finally:
+                with self._cv:
+                    if job.snapshot is not None:
+                        self._buffer_busy = False
+                    self._cv.notify_all()
+            if job.error is None:
+                self._enqueue_upload(job)
+
+    def _stage(self, job: _Save) -> None:
+        final = os.path.join(self.staging_dir, f"{job.step:012d}")
+        tmp = self._tmp_dir(job.step)
+        if job.directory is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+        if job.snapshot is not None:
+            for written in write_snapshot(job.snapshot, tmp, direct=self.direct_io):
+                job.files.append(
+                    (
+                        written.local_path,
+                        ManifestFile(path=written.path, size=written.size, xxh3_128=written.xxh3_128),
+                    )
+                )
+        if job.directory:
+            # Directory mode: the framework already wrote the files; hash them in place.
+            for root, _dirs, names in os.walk(job.directory):
+                for name in sorted(names):
+                    local = os.path.join(root, name)
+                    relative = os.path.relpath(local, job.directory).replace(os.sep, "/")
+                    size, digest = layout.hash_file(local)
+                    job.files.append(
+                        (local, ManifestFile(path=f"{FILES_DIR}/{relative}", size=size, xxh3_128=digest))
+                    )
+        # Atomic rename: a staged checkpoint either exists whole or not at all.
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        job.staged = final
+        job.files = [
+            (
+                os.path.join(final, os.path.relpath(local, tmp)) if local.startswith(tmp + os.sep) else local,
+                entry,
+            )
+            for local, entry in job.files
+        ]
+
+    # --- background: upload ---------------------------------------------------------------------
+
+    def _enqueue_upload(self, job: _Save) -> None:
+        with self._cv:
+            if job.urgent:
+                self._upload_urgent = job
+            else:
+                if self._upload_pending is not None:
+                    # Only the newest periodic checkpoint matters.
+                    self._drop(self._upload_pending, "superseded by a newer checkpoint before upload")
+                self._upload_pending = job
+            self._cv.notify_all()
+
+    def _drop(self, job: _Save, why: str) -> None:
+        logger.info("checkpoint at step %s dropped: %s", job.step, why)
+        job.dropped = True
+        job.done.set()
+
+    def _upload_loop(self) -> None:
+        delay = self._retry_initial
+        while True:
+            with self._cv:
+                while True:
+                    urgent = self._upload_urgent
+                    if urgent is not None and urgent.staged is not None:
+                        job = urgent
+                        break
+                    if self._upload_pending is not None and urgent is None:
+                        job = self._upload_pending
+                        break
+                    if self._closing and urgent is None and self._upload_pending is None:
+                        return
+                    self._cv.wait(0.5)
+                self._uploading = True
+            try:
+                outcome = self._upload(job)
+            except _Superseded as exc:
+                logger.warning("checkpoint at step %s not published: %s", job.step, exc)
+                with self._cv:
+                    self.superseded = True
+                    self._uploading = False
+                    for waiting in (self._upload_urgent, self._upload_pending):
+                        if waiting is not None:
+                            waiting.error = exc
+                            waiting.done.set()
+                    self._upload_urgent = self._upload_pending = None
+                    self._cv.notify_all()
+                continue
+            except Exception as exc:
+                # botocore already retried the single request; this is the checkpoint-level
+                # retry (training continues meanwhile) until it lands or a newer one replaces it.
+                logger.warning(
+                    "checkpoint upload of step %s failed, retrying in %.0f s: %s", job.step, delay, exc
+                )
+                with self._cv:
+                    self._uploading = False
+                    if self._closing:
+                        job.error = exc
+                        job.done.set()
+                        return
+                    self._cv.wait(delay)
+                delay = min(delay * 2, self._retry_max)
+                continue
+            delay = self._retry_initial
+            with self._cv:
+                self._uploading = False
+                if self._upload_urgent is job:
+                    self._upload_urgent = None
+                if self._upload_pending is job:
+                    self._upload_pending = None
+                if outcome is None and not job.urgent:
+                    self._drop(job, "cancelled for an urgent checkpoint")
+                self._cv.notify_all()
+            if outcome is not None:
+                self._after_durable(job, outcome)
+
+    def _upload(self, job: _Save) -> DurableCheckpoint | None:
+        def cancelled() -> bool:
+            return not job.urgent and self._upload_urgent is not None
+
+        files = [(local, entry.path) for local, entry in job.files]
+        self.storage.put_files(job.step, files, cancelled)
+        if cancelled():
+            return None
+        if self.link is not None and self.link.is_current(timeout=5.0) is False:
+            # Fencing: a superseded attempt must not publish a checkpoint.
+            raise _Superseded()
+        manifest = Manifest(
+            job_id=self.job_id,
+            step=job.step,
+            attempt=self.attempt,
+            instance_id=self.instance_id,
+            framework=self.framework,
+            created_at=job.created_at,
+            files=[entry for _, entry in job.files],
+            extra=job.extra,
+        )
+        self.storage.put_manifest(job.step, manifest.to_json())
+        return DurableCheckpoint(
+            step=job.step,
+            location=self.storage.describe(job.step),
+            prefix=layout.checkpoint_prefix(self.job_id, job.step),
+            attempt=self.attempt,
+            created_at=job.created_at,
+            urgent=job.urgent,
+            size=manifest.total_bytes,
+        )
+
+    def _after_durable(self, job: _Save, durable: DurableCheckpoint) -> None:
+        if self.last_durable is None or durable.step >= self.last_durable.step:
+            self.last_durable = durable
+        logger.info(
+            "checkpoint durable: step %s at %s (%d bytes)", durable.step, durable.location, durable.size
+        )
+        if self.link is not None:
+            self.link.send(
+                {
+                    "op": "durable",
+                    "step": durable.step,
+                    "prefix": durable.prefix,
+                    "attempt": durable.attempt,
+                    "created_at": layout.format_time(durable.created_at),
+                    "urgent": durable.urgent,
+                    "size": durable.size,
+                }
+            )
+        job.result = durable
+        job.done.set()
+        try:
+            self._apply_retention()
+            self._clean_staging(keep=job.staged)
+        except Exception:
+            logger.exception("checkpoint retention failed")
+
+    def _apply_retention(self) -> None:
+        steps = self.storage.list_steps()
+        valid = [s for s in steps if self._manifest_ok(s)]
+        protect = [self.resume_step] if self.resume_step is not None else []
+        victims = layout.retention_victims(valid, keep=self.keep, protect=protect)
+        if valid:
+            oldest_kept = sorted(valid, reverse=True)[: self.keep][-1]
+            # Partial checkpoints older than everything kept can no longer complete.
+            victims += [s for s in steps if s < oldest_kept and s not in valid and s not in protect]
+        for step in victims:
+            logger.info("retention: deleting checkpoint step %s", step)
+            self.storage.delete(step)
+
+    def _manifest_ok(self, step: int) -> bool:
+        raw = self.storage.read_manifest(step)
+        if raw is None:
+            return False
+        try:
+            layout.parse_manifest(raw, expect_job_id=self.job_id, expect_step=step)
+        except layout.InvalidManifest:
+            return False
+        return True
+
+    def _clean_staging(self, keep: str | None) -> None:
+        with self._cv:
+            busy = {j.staged for j in (self._upload_pending, self._upload_urgent) if j is not None}
+        for name in os.listdir(self.staging_dir):
+            path = os.path.join(self.staging_dir, name)
+            if path == keep or path in busy or ".tmp-" in name or name.startswith("restore"):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+
+    # --- restoring --------------------------------------------------------------------------------
+
+    def restore(self) -> Any:
+        """The state of the newest checkpoint that verifies, or None (starting fresh).
+
+        Checkpoints that fail verification are skipped with a log line naming them. With a
+        resume step from the job row, newer checkpoints (a superseded attempt's late
+        upload) are not considered.
+        """
+        restored = self.restore_checkpoint()
+        if restored is None:
+            return None
+        if SKELETON_FILE in restored.paths:
+            return load_snapshot(restored.paths)
+        return {}
+
+    def restore_checkpoint(self) -> Restored | None:
+        """Find, fetch and verify the newest valid checkpoint; its files stay local."""
+        restore_root = os.path.join(self.staging_dir, "restore")
+        shutil.rmtree(restore_root, ignore_errors=True)
+        found: dict[int, tuple[Manifest, dict[str, str]]] = {}
+
+        def verify(step: int) -> str | None:
+            outcome = layout.verify_checkpoint(
+                self.storage, step, job_id=self.job_id, dest_dir=os.path.join(restore_root, f"{step:012d}")
+            )
+            if isinstance(outcome, str):
+                return outcome
+            manifest, paths = outcome
+            if manifest.attempt > self.attempt:
+                return f"written by attempt {manifest.attempt}, newer than this attempt {self.attempt}"
+            found[step] = (manifest, paths)
+            return None
+
+        def on_skip(skipped: Skipped) -> None:
+            logger.warning("checkpoint skipped: %s: %s", self.storage.describe(skipped.step), skipped.reason)
+
+        selection = layout.select_newest_valid(
+            self.storage.list_steps(), verify, at_most=self.resume_step, on_skip=on_skip
+        )
+        if selection.step is None:
+            self.fresh_reason = selection.reason
+            logger.warning("starting fresh: %s", selection.reason)
+            return None
+        manifest, paths = found[selection.step]
+        self.restored_step = selection.step
+        self.restored = Restored(step=selection.step, manifest=manifest, paths=paths)
+        logger.info(
+            "restoring checkpoint step %s from %s", selection.step, self.storage.describe(selection.step)
+        )
+        return self.restored
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class _Superseded(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__("this attempt is no longer the job's current one; not publishing")
