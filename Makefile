@@ -41,7 +41,7 @@ format: setup
 	$(BIN)/ruff format .
 
 synth: setup
-	npx --no-install cdk synth --quiet
+	PATH="$(CURDIR)/$(BIN):$$PATH" npx --no-install cdk synth --quiet
 
 bench: setup
 	$(BIN)/python -m bench.run_all

@@ -1,0 +1,1 @@
+"""Benchmarks: one script per figure in docs/BENCHMARKS.md (`make bench` runs them all)."""
