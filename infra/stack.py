@@ -50,7 +50,6 @@ class TrainctlStack(Stack):
             jobs_table=storage.jobs_table,
             alerts_topic=observability.alerts_topic,
             launch_template=instances.launch_template,
-            instance_role=instances.role,
             checkpoint_bucket=storage.checkpoint_bucket,
             removal_policy=config.removal,
         )

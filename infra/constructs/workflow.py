@@ -44,7 +44,6 @@ class ResumeWorkflow(Construct):
         jobs_table: dynamodb.ITable,
         alerts_topic: sns.ITopic,
         launch_template: ec2.LaunchTemplate,
-        instance_role: iam.IRole,
         checkpoint_bucket: s3.IBucket,
         removal_policy: RemovalPolicy,
     ) -> None:
@@ -56,7 +55,7 @@ class ResumeWorkflow(Construct):
         self.log_group = self._build_log_group()
         self.state_machine = self._build_state_machine(jobs_table, alerts_topic, launch_template)
         self._grant_table(jobs_table)
-        self._grant_launch(launch_template, instance_role)
+        self._grant_terminate()
         alerts_topic.grant_publish(self.state_machine)
         self._acknowledge_findings()
 
@@ -145,58 +144,19 @@ class ResumeWorkflow(Construct):
         if jobs_table.encryption_key is not None:
             jobs_table.encryption_key.grant_encrypt_decrypt(self.state_machine)
 
-    def _grant_launch(self, launch_template: ec2.LaunchTemplate, instance_role: iam.IRole) -> None:
+    def _grant_terminate(self) -> None:
+        # Launching is granted by `Instances.grant_launch` (template, instance types and tags
+        # pinned there, next to the template it names); a second, looser RunInstances grant
+        # here would widen it, since IAM allows the union of statements.
         stack = Stack.of(self)
-        template_arn = stack.format_arn(
-            service="ec2", resource="launch-template", resource_name=launch_template.launch_template_id
-        )
-
-        def ec2_arn(resource: str) -> str:
-            return stack.format_arn(service="ec2", resource=resource, resource_name="*")
-
-        from_our_template = {"ArnEquals": {"ec2:LaunchTemplate": template_arn}}
-        statements = [
-            iam.PolicyStatement(
-                sid="RunManagedInstances",
-                actions=["ec2:RunInstances"],
-                resources=[ec2_arn("instance")],
-                conditions={
-                    **from_our_template,
-                    "StringEquals": {f"aws:RequestTag/{TAG_MANAGED}": "true"},
-                },
-            ),
-            iam.PolicyStatement(
-                sid="RunInstancesFromTemplate",
-                actions=["ec2:RunInstances"],
-                resources=[
-                    template_arn,
-                    *(ec2_arn(r) for r in _RUN_INSTANCES_RESOURCES),
-                    # AMIs belong to other accounts (Amazon's), hence no account field.
-                    stack.format_arn(service="ec2", resource="image", resource_name="*", account=""),
-                ],
-                conditions=from_our_template,
-            ),
-            iam.PolicyStatement(
-                sid="TagAtLaunch",
-                actions=["ec2:CreateTags"],
-                resources=[ec2_arn("instance"), ec2_arn("volume")],
-                conditions={"StringEquals": {"ec2:CreateAction": "RunInstances"}},
-            ),
+        self.state_machine.add_to_role_policy(
             iam.PolicyStatement(
                 sid="TerminateManagedInstances",
                 actions=["ec2:TerminateInstances"],
-                resources=[ec2_arn("instance")],
+                resources=[stack.format_arn(service="ec2", resource="instance", resource_name="*")],
                 conditions={"StringEquals": {f"aws:ResourceTag/{TAG_MANAGED}": "true"}},
-            ),
-            iam.PolicyStatement(
-                sid="PassInstanceRole",
-                actions=["iam:PassRole"],
-                resources=[instance_role.role_arn],
-                conditions={"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
-            ),
-        ]
-        for statement in statements:
-            self.state_machine.add_to_role_policy(statement)
+            )
+        )
 
     def _acknowledge_findings(self) -> None:
         stack = Stack.of(self)
@@ -207,13 +167,11 @@ class ResumeWorkflow(Construct):
         acknowledge(
             self.state_machine,
             "AwsSolutions-IAM5",
-            "RunInstances creates resources whose ids are unknown in advance: every statement is "
-            "pinned to our launch template (ec2:LaunchTemplate) or to the RunInstances call "
-            "(ec2:CreateAction), and instances must carry the trainctl:managed tag to be launched "
-            "or terminated. Log delivery and X-Ray actions have no resource-level permissions. "
-            "kms:GenerateDataKey* is CDK's grant for publishing to the KMS-encrypted alerts topic.",
-            *(f"Resource::{ec2_arn(r)}" for r in ("instance", *_RUN_INSTANCES_RESOURCES)),
-            f"Resource::{stack.format_arn(service='ec2', resource='image', resource_name='*', account='')}",
+            "Instance ids are unknown in advance: termination is limited to instances carrying "
+            "the trainctl:managed tag (aws:ResourceTag condition). Log delivery and X-Ray actions "
+            "have no resource-level permissions. kms:GenerateDataKey* is CDK's grant for "
+            "publishing to the KMS-encrypted alerts topic.",
+            f"Resource::{ec2_arn('instance')}",
             "Resource::*",
             "Action::kms:GenerateDataKey*",
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from aws_cdk.assertions import Match
@@ -226,6 +227,14 @@ def test_workflow_may_launch_only_from_our_template(prod_synth: Any) -> None:
         f"aws:RequestTag/{TAG_MANAGED}": "true",
     }
     assert template_id in str(run["Condition"]["ArnEquals"]["ec2:LaunchTemplate"])
+    # IAM allows the union of statements: a second RunInstances grant on instances without
+    # the type/tag conditions would silently widen the one above.
+    instance_grants = [
+        s
+        for s in statements
+        if "ec2:RunInstances" in _as_list(s["Action"]) and ":instance/" in json.dumps(s["Resource"])
+    ]
+    assert instance_grants == [run]
     others = _by_sid(statements, "RunInstancesResourcesViaTemplate")
     assert template_id in str(others["Condition"]["ArnEquals"]["ec2:LaunchTemplate"])
     tags = _by_sid(statements, "TagOnLaunchOnly")
@@ -251,3 +260,7 @@ def test_outputs_for_the_cli(any_synth: Any) -> None:
     ):
         assert name in outputs
         assert "Export" not in outputs[name]  # no cross-stack coupling
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
