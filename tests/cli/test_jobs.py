@@ -1,0 +1,360 @@
+"""submit / status / list / cancel / logs / interrupt against a moto-backed stack."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+
+from tests.cli.conftest import REGION, Cli, Stack, utc
+from trainctl.commands.stack import Cloud
+from trainctl_core import jobs
+from trainctl_core.events import rule_patterns
+from trainctl_core.jobs import InterruptionReason, JobStatus
+from trainctl_core.workflow import ResumeStarter, resume_input
+
+
+def write_spec(tmp_path: Path, **changes: Any) -> Path:
+    data: dict[str, Any] = {
+        "name": "cli test",
+        "command": "python train.py",
+        "pools": {"instance_types": ["m5.large"]},
+    }
+    data.update(changes)
+    path = tmp_path / "trainctl.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": 1,
+            "digest": "sha256:" + "0" * 64,
+        },
+        "layers": [],
+    }
+)
+
+
+def executions(stack: Stack) -> list[str]:
+    return [
+        e["name"] for e in stack.sfn.list_executions(stateMachineArn=stack.state_machine_arn)["executions"]
+    ]
+
+
+# --- submit / status ---------------------------------------------------------------------------
+
+
+def test_submit_creates_the_row_and_runs_the_launch_workflow(stack: Stack, cli: Cli, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, limits={"max_interruptions": 3})
+    result = cli("submit", "--spec", str(spec), "--json")
+    assert result.exit_code == 0, result.stderr
+    submitted = result.json()
+    job_id = submitted["job_id"]
+    assert job_id.startswith("cli-test-")
+    assert submitted["workflow_input"] == {
+        "job_id": job_id,
+        "instance_id": None,
+        "attempt": 0,
+        "reason": "launch",
+        "deadline": None,
+    }
+    # The real resume ASL accepts the input and launches attempt 0 in the stack's subnets.
+    assert stack.wait_execution(f"{job_id}-0")["status"] == "SUCCEEDED"
+    status = cli("status", job_id, "--json").json()
+    assert status["status"] == "LAUNCHING"
+    assert status["attempt"] == 0
+    assert status["instance_id"] in stack.instance_states(job_id)
+    assert status["pool"].startswith("m5.large@subnet-")
+    job = stack.store.get(job_id)
+    assert job.spec.limits.max_interruptions == 3
+    assert [p.subnet_id for p in job.spec.pools] == stack.subnets
+
+
+def test_submit_checks_the_spec_against_the_stack_and_creates_nothing(
+    stack: Stack, cli: Cli, tmp_path: Path
+) -> None:
+    before_jobs, before_runs = len(list(stack.store.scan())), len(executions(stack))
+    spec = write_spec(tmp_path, pools={"instance_types": ["p4d.24xlarge"]})
+    result = cli("submit", "--spec", str(spec))
+    assert result.exit_code == 2
+    assert "field 'pools.instance_types'" in result.stderr
+    assert "allowed: m5.large, c5.xlarge, g5.xlarge" in result.stderr
+    assert (len(list(stack.store.scan())), len(executions(stack))) == (before_jobs, before_runs)
+
+
+def test_submit_that_cannot_start_the_workflow_leaves_no_orphan_row(
+    stack: Stack, cli: Cli, tmp_path: Path
+) -> None:
+    broken = Cloud.from_options(None, None, None)
+    outputs = dict(stack.outputs)
+    outputs["ResumeStateMachineArn"] = stack.state_machine_arn + "-gone"
+    broken.__dict__["outputs"] = outputs  # a stack whose state machine was deleted by hand
+    cli.deps.cloud_factory = lambda *_: broken
+    result = cli("submit", "--spec", str(write_spec(tmp_path)), "--job-id", "orphan-check")
+    assert result.exit_code == 1
+    assert "StartExecution failed: StateMachineDoesNotExist" in result.stderr
+    job = stack.store.get("orphan-check")
+    assert job.status == JobStatus.FAILED
+    assert job.failure_reason is not None and "launch workflow did not start" in job.failure_reason
+
+
+def test_submit_with_a_dockerfile_needs_the_pushed_image(stack: Stack, cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM python:3.11-slim\n")
+    spec = write_spec(tmp_path, name="from dockerfile", dockerfile="Dockerfile")
+    result = cli("submit", "--spec", str(spec), "--dry-run")
+    assert result.exit_code == 2
+    assert "trainctl push --build" in result.stderr
+    stack.ecr.put_image(
+        repositoryName="trainctl-training", imageManifest=MANIFEST, imageTag="from-dockerfile"
+    )
+    result = cli("submit", "--spec", str(spec), "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["spec"]["image"] == f"{stack.repository_uri}:from-dockerfile"
+
+
+def test_status_reports_checkpoint_age_steps_at_risk_and_lost_steps(stack: Stack, cli: Cli) -> None:
+    job = stack.new_job(now=utc(minutes=-30))
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc(minutes=-30))
+    job = stack.checkpoint(job, 400, utc(minutes=-15), final=False)
+    job = stack.interrupt(job, utc(minutes=-10))  # 5 min after the checkpoint: lost
+    job = stack.start_attempt(job, stack.pools("c5.xlarge")[0], utc(minutes=-9))
+    assert job.instance_id is not None
+    stack.store.heartbeat(job.job_id, instance_id=job.instance_id, attempt=1, step=700, steps_per_second=2.0)
+
+    status = cli("status", job.job_id, "--json").json()
+    assert (status["status"], status["attempt"], status["interruptions"]) == ("RUNNING", 1, 1)
+    assert status["last_checkpoint"]["step"] == 400
+    assert status["last_checkpoint_age_seconds"] == pytest.approx(15 * 60, abs=5)
+    assert status["steps_at_risk"] == 300  # heartbeat 700 - checkpoint 400
+    assert status["lost_seconds"] == pytest.approx(300, abs=1)
+    assert status["lost_steps"] == 600  # 300 s at 2 steps/s
+
+    text = cli("status", job.job_id)
+    assert text.exit_code == 0
+    assert "RUNNING" in text.stdout and "step 400" in text.stdout and "lost steps   600" in text.stdout
+
+
+def test_unknown_job_and_undeployed_stack_are_clear_errors(stack: Stack, cli: Cli) -> None:
+    missing = cli("status", "no-such-job")
+    assert missing.exit_code == 1
+    assert "job no-such-job does not exist" in missing.stderr
+    undeployed = cli("status", "x", "--stack", "NotThere")
+    assert undeployed.exit_code == 1
+    assert "stack 'NotThere' is not deployed in us-east-1" in undeployed.stderr
+    assert "Traceback" not in undeployed.stderr + undeployed.stdout
+    # --region is honoured: the same stack name is not deployed in another region.
+    elsewhere = cli("list", "--region", "eu-west-1")
+    assert elsewhere.exit_code == 1 and "stack 'Trainctl' is not deployed in eu-west-1" in elsewhere.stderr
+    as_json = cli("list", "--stack", "NotThere", "--json")
+    assert as_json.exit_code == 1 and as_json.json()["error"].startswith("stack 'NotThere'")
+
+
+# --- list ------------------------------------------------------------------------------------
+
+
+def test_list_shows_interruptions_and_savings(stack: Stack, cli: Cli) -> None:
+    stack.spot_prices[("m5.large", "us-east-1a")] = [("2020-01-01T00:00:00Z", "0.032")]
+    stack.spot_prices[("c5.xlarge", "us-east-1a")] = [("2020-01-01T00:00:00Z", "0.06")]
+    job = stack.new_job(stack.pools("m5.large", "c5.xlarge"), now=utc(hours=-2))
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc(hours=-2))
+    job = stack.interrupt(job, utc(hours=-1))
+    job = stack.start_attempt(job, stack.pools("c5.xlarge")[0], utc(minutes=-59))
+
+    rows = {r["job_id"]: r for r in cli("list", "--json").json()}
+    row = rows[job.job_id]
+    assert (row["status"], row["interruptions"]) == ("RUNNING", 1)
+    # Paid 62 min x 0.032 + 59 min x 0.06; baseline: on-demand (0.096, 0.17) minus the
+    # 60 lost minutes (no checkpoint: attempt 1 restarted from scratch) and 1 min overlap.
+    paid = 62 / 60 * 0.032 + 59 / 60 * 0.06
+    baseline = 62 / 60 * 0.096 + 59 / 60 * 0.17 - 60 / 60 * 0.096 - 1 / 60 * 0.17
+    assert row["saving"]["usd"] == pytest.approx(baseline - paid, abs=1e-3)
+    assert row["saving"]["pct"] == pytest.approx((baseline - paid) / baseline * 100, abs=0.5)
+
+    table = cli("list", "--state", "RUNNING")
+    assert table.exit_code == 0
+    line = next(li for li in table.stdout.splitlines() if job.job_id in li)
+    assert "RUNNING" in line and f"${row['saving']['usd']:.2f}" in line
+    assert "INTERRUPTIONS" in table.stdout and "SAVED" in table.stdout
+    no_savings = cli("list", "--no-savings", "--json").json()
+    assert all(r["saving"] is None for r in no_savings)
+
+
+# --- cancel ------------------------------------------------------------------------------------
+
+
+def test_cancel_running_job_takes_a_final_checkpoint_then_terminates(stack: Stack, cli: Cli) -> None:
+    job = stack.new_job()
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc())
+    job = stack.checkpoint(job, 100, utc(), final=False)
+    # The agent's answer to the SSM document lands while the CLI waits.
+    cli.deps.sleep = lambda seconds: (stack.checkpoint(job, 180, utc(), final=True), None)[1]
+
+    result = cli("cancel", job.job_id, "--grace", "10", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    assert report["checkpoint"]["landed"] is True and report["checkpoint"]["step"] == 180
+    assert report["status"] == "CANCELLED"
+    assert report["terminated_instances"] == [job.instance_id]
+    assert stack.store.get(job.job_id).status == JobStatus.CANCELLED
+    assert set(stack.instance_states(job.job_id).values()) <= {"shutting-down", "terminated"}
+    commands = boto3.client("ssm", region_name=REGION).list_commands()["Commands"]
+    assert any(
+        c["DocumentName"] == "trainctl-checkpoint" and job.instance_id in c["InstanceIds"] for c in commands
+    )
+
+
+def test_cancel_during_a_recovery_stops_the_workflow_and_every_instance(stack: Stack, cli: Cli) -> None:
+    job = stack.new_job(stack.pools("m5.large", "c5.xlarge"))
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc())
+    noticed = utc()
+    job = stack.interrupt(job, noticed)
+    document = resume_input(
+        job_id=job.job_id,
+        instance_id=job.instance_id,
+        attempt=0,
+        reason=InterruptionReason.SPOT_WARNING,
+        # A short handshake: moto's StopExecution takes effect only when a task-token wait
+        # inside a Parallel ends (AWS aborts at once), so let it end soon.
+        deadline=noticed + jobs.timedelta(seconds=3),
+        noticed_at=noticed,
+    )
+    ResumeStarter(stack.sfn, stack.state_machine_arn).start(document)
+    # The workflow launches the replacement and waits for the checkpoint handshake.
+    deadline = time.monotonic() + 20
+    while len(stack.instance_states(job.job_id)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(stack.instance_states(job.job_id)) == 2
+
+    result = cli("cancel", job.job_id, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    assert report["checkpoint"] is None  # not running: nothing to checkpoint
+    assert report["stopped_executions"] == [f"{job.job_id}-0"]
+    assert len(report["terminated_instances"]) == 2
+    # AWS aborts at once; moto keeps the stopped execution waiting inside the Parallel and
+    # then ends it ABORTED or FAILED. Either way it must not have relaunched the job.
+    assert stack.wait_execution(f"{job.job_id}-0")["status"] in ("ABORTED", "FAILED")
+    # Nothing the workflow did afterwards revived the job or left an instance running.
+    assert stack.store.get(job.job_id).status == JobStatus.CANCELLED
+    assert set(stack.instance_states(job.job_id).values()) <= {"shutting-down", "terminated"}
+
+
+def test_cancel_of_an_ended_job(stack: Stack, cli: Cli) -> None:
+    job = stack.new_job()
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc())
+    assert job.instance_id is not None
+    stack.store.apply(jobs.mark_succeeded(job, instance_id=job.instance_id, now=utc()))
+    ended = cli("cancel", job.job_id)
+    assert ended.exit_code == 1 and "already ended SUCCEEDED" in ended.stderr
+    other = stack.new_job()
+    assert cli("cancel", other.job_id).exit_code == 0
+    again = cli("cancel", other.job_id)
+    assert again.exit_code == 0 and "already CANCELLED" in again.stdout
+
+
+# --- logs ----------------------------------------------------------------------------------------
+
+
+def put_logs(stack: Stack, stream: str, *messages: str, at: float) -> None:
+    group = "/trainctl/Trainctl/agent"
+    with contextlib.suppress(stack.logs.exceptions.ResourceAlreadyExistsException):
+        stack.logs.create_log_stream(logGroupName=group, logStreamName=stream)
+    stack.logs.put_log_events(
+        logGroupName=group,
+        logStreamName=stream,
+        logEvents=[{"timestamp": int(at * 1000) + i, "message": m} for i, m in enumerate(messages)],
+    )
+
+
+def test_logs_prints_the_agent_streams_of_a_job_and_follows(stack: Stack, cli: Cli) -> None:
+    job = stack.new_job()
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc())
+    now = time.time()
+    put_logs(stack, f"{job.job_id}/0/i-0aaaaaaaaaaaaaaa0", "agent started", "step 10", at=now - 60)
+    put_logs(stack, f"{job.job_id}/1/i-0bbbbbbbbbbbbbbb1", "restored step 10", at=now - 30)
+    put_logs(stack, "some-other-job/0/i-0ccccccccccccccc2", "not mine", at=now - 45)
+
+    result = cli("logs", job.job_id)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [li.split(" ", 2)[2] for li in lines] == ["agent started", "step 10", "restored step 10"]
+    assert lines[2].split(" ")[1] == "[1]"
+    only_first = cli("logs", job.job_id, "--attempt", "1", "--json").stdout.splitlines()
+    assert [json.loads(li)["message"] for li in only_first] == ["restored step 10"]
+
+    # --follow: new lines appear while it polls; it stops once the job has ended.
+    def agent_writes_and_finishes(seconds: float) -> None:
+        put_logs(stack, f"{job.job_id}/0/i-0aaaaaaaaaaaaaaa0", "step 20", "done", at=time.time())
+        current = stack.store.get(job.job_id)
+        assert current.instance_id is not None
+        stack.store.apply(jobs.mark_succeeded(current, instance_id=current.instance_id, now=utc()))
+
+    cli.deps.sleep = agent_writes_and_finishes
+    followed = cli("logs", job.job_id, "--follow")
+    assert followed.exit_code == 0
+    messages = [li.split(" ", 2)[2] for li in followed.stdout.splitlines()]
+    assert messages == ["agent started", "step 10", "restored step 10", "step 20", "done"]
+
+
+def test_logs_without_a_log_group_says_so(stack: Stack, cli: Cli) -> None:
+    job = stack.new_job()
+    result = cli("logs", job.job_id, "--log-group", "/nope")
+    assert result.exit_code == 1 and "log group /nope does not exist" in result.stderr
+
+
+# --- interrupt -----------------------------------------------------------------------------------
+
+
+def test_interrupt_synthetic_puts_the_real_event_shape_on_the_default_bus(stack: Stack, cli: Cli) -> None:
+    events = boto3.client("events", region_name=REGION)
+    sqs = boto3.client("sqs", region_name=REGION)
+    queue = sqs.create_queue(QueueName="spot-warnings")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    # The stack's own rule pattern: the synthetic event must be one the detection rule matches.
+    events.put_rule(Name="spot", EventPattern=json.dumps(rule_patterns()["SpotInterruptionWarning"]))
+    events.put_targets(Rule="spot", Targets=[{"Id": "q", "Arn": queue_arn}])
+    job = stack.new_job()
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc())
+
+    result = cli("interrupt", job.job_id, "--synthetic", "--json")
+    assert result.exit_code == 0, result.stderr
+    (message,) = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+    event = json.loads(message["Body"])
+    assert event["detail"] == {"instance-id": job.instance_id, "instance-action": "terminate"}
+    assert event["resources"] == [f"arn:aws:ec2:{REGION}:123456789012:instance/{job.instance_id}"]
+    assert event["id"] == result.json()["event_id"]
+
+
+def test_interrupt_starts_fis_against_this_jobs_instance_only(stack: Stack, cli: Cli) -> None:
+    job = stack.new_job()
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc())
+    templates_before = {t["id"] for t in stack.fis.list_experiment_templates()["experimentTemplates"]}
+
+    result = cli("interrupt", job.job_id, "--json")
+    assert result.exit_code == 0, result.stderr
+    experiment = stack.fis.get_experiment(id=result.json()["experiment_id"])["experiment"]
+    (target,) = experiment["targets"].values()
+    assert target["resourceArns"] == [f"arn:aws:ec2:{REGION}:123456789012:instance/{job.instance_id}"]
+    assert experiment["actions"]["InterruptOne"]["actionId"] == "aws:ec2:send-spot-instance-interruptions"
+    # The per-job copy of the template is gone; the stack's template is untouched.
+    assert {t["id"] for t in stack.fis.list_experiment_templates()["experimentTemplates"]} == templates_before
+
+    on_demand = stack.new_job()
+    on_demand = stack.start_attempt(on_demand, stack.pools("m5.large")[0], utc(), spot=False)
+    refused = cli("interrupt", on_demand.job_id)
+    assert refused.exit_code == 1 and "on-demand" in refused.stderr
+    pending = stack.new_job()
+    assert "only a running job" in cli("interrupt", pending.job_id).stderr
