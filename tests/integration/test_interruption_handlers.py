@@ -357,3 +357,242 @@ def test_concurrent_duplicate_deliveries_have_one_winner(
     assert len(env.ssm_commands()) == 1
     assert len(env.executions()) == 1
     assert len(env.store.get(env.job_id).interruptions) == 1
+
+
+# --- gaps in issue 2's list: every event type redelivered, ended jobs, metrics ----------
+
+
+def emitted_metrics(captured: str) -> list[dict[str, Any]]:
+    """The EMF documents Powertools printed (one JSON object per flushed invocation)."""
+    import json
+
+    documents = []
+    for line in captured.splitlines():
+        if line.startswith("{") and '"_aws"' in line:
+            documents.append(json.loads(line))
+    return documents
+
+
+def metric_total(documents: list[dict[str, Any]], name: str) -> float:
+    total = 0.0
+    for document in documents:
+        value = document.get(name)
+        if value is not None:
+            total += sum(value) if isinstance(value, list) else value
+    return total
+
+
+@pytest.mark.parametrize(
+    ("handler", "event_name", "ssm_commands", "executions"),
+    [
+        ("instance_state", "instance_state_terminated", 0, 1),
+        ("instance_state", "instance_state_shutting_down", 0, 1),
+        ("interruption", "rebalance_recommendation", 1, 0),
+    ],
+)
+def test_every_event_type_delivered_three_times_acts_once(
+    env, request, context, event_loader, handler, event_name, ssm_commands, executions
+):
+    # Given a RUNNING job and the same event (same id) delivered three times
+    before = env.add_job()
+    module = request.getfixturevalue(handler)
+    event = event_loader(event_name)
+
+    responses = [deliver(module, event, context) for _ in range(3)]
+
+    # Then the stored result is replayed, and AWS saw one action
+    assert responses[0] == responses[1] == responses[2]
+    assert len(env.ssm_commands()) == ssm_commands
+    assert len(env.executions()) == executions
+    after = env.store.get(env.job_id)
+    assert len(after.interruptions) == executions
+    assert after.version == before.version + executions
+
+
+@pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.FAILED])
+@pytest.mark.parametrize(
+    ("handler", "event_name"),
+    [("instance_state", "instance_state_terminated"), ("interruption", "rebalance_recommendation")],
+)
+def test_other_events_for_an_ended_job_change_nothing(
+    env, request, context, event_loader, status, handler, event_name
+):
+    # The instance of an ended job is terminated by trainctl itself: its state change
+    # (and any late rebalance) must not resurrect the job.
+    before = env.add_job(status=status)
+
+    response = deliver(request.getfixturevalue(handler), event_loader(event_name), context)
+
+    assert response["outcome"] == "ignored_terminal"
+    assert env.ssm_commands() == [] and env.executions() == []
+    after = env.store.get(env.job_id)
+    assert (after.status, after.version) == (before.status, before.version)
+
+
+def test_rebalance_for_unmanaged_instance_is_ignored(env, interruption, context, event_loader):
+    response = deliver(interruption, event_loader("rebalance_recommendation"), context)
+
+    assert response["outcome"] == "ignored_unmanaged"
+    assert env.ssm_commands() == []
+
+
+@pytest.mark.parametrize("detail", [{}, {"instance-id": "i-XYZ"}])
+def test_malformed_rebalance_raises_and_touches_nothing(env, interruption, context, event_loader, detail):
+    env.add_job()
+    event = {**event_loader("rebalance_recommendation"), "detail": detail}
+
+    with pytest.raises(Exception, match="malformed"):
+        deliver(interruption, event, context)
+    assert env.ssm_commands() == []
+
+
+def test_unmanaged_instance_is_counted(env, interruption, context, event_loader, capsys):
+    deliver(interruption, event_loader("spot_interruption_warning"), context)
+
+    documents = emitted_metrics(capsys.readouterr().out)
+    assert metric_total(documents, "UnmanagedInstanceEvents") == 1
+    assert metric_total(documents, "Events") == 1
+    assert {d.get("outcome") for d in documents} == {"ignored_unmanaged"}
+    assert metric_total(documents, "ResumesStarted") == 0
+
+
+def test_recovery_metrics_count_one_loss_once(
+    env, interruption, instance_state, context, event_loader, capsys
+):
+    env.add_job()
+
+    deliver(interruption, event_loader("spot_interruption_warning"), context)
+    deliver(instance_state, event_loader("instance_state_terminated"), context)
+
+    documents = emitted_metrics(capsys.readouterr().out)
+    assert metric_total(documents, "Events") == 2
+    assert metric_total(documents, "Interruptions") == 1
+    assert metric_total(documents, "ResumesStarted") == 1
+    assert metric_total(documents, "CheckpointRequests") == 1
+
+
+def test_ssm_failure_is_counted(env, interruption, context, event_loader, monkeypatch, capsys):
+    from moto.ssm.models import SimpleSystemManagerBackend
+
+    def gone(self: Any, **kwargs: Any) -> Any:
+        raise ssm_error("InvalidInstanceId")
+
+    monkeypatch.setattr(SimpleSystemManagerBackend, "send_command", gone)
+    env.add_job()
+
+    deliver(interruption, event_loader("spot_interruption_warning"), context)
+
+    documents = emitted_metrics(capsys.readouterr().out)
+    assert metric_total(documents, "CheckpointSignalFailures") == 1
+    assert metric_total(documents, "CheckpointRequests") == 0
+    assert metric_total(documents, "ResumesStarted") == 1
+
+
+def test_malformed_event_is_counted(env, interruption, context, event_loader, capsys):
+    event = event_loader("spot_interruption_warning")
+    event["detail"]["instance-action"] = "explode"
+
+    with pytest.raises(Exception, match="malformed"):
+        deliver(interruption, event, context)
+
+    assert metric_total(emitted_metrics(capsys.readouterr().out), "RejectedEvents") == 1
+
+
+def test_concurrent_warnings_and_state_changes_for_one_loss_have_one_winner(
+    env, interruption, instance_state, context, event_loader, serialized_moto
+):
+    # Given one loss reported by 8 concurrent deliveries: the warning delivered 4 times
+    # (same id: event-id idempotency) and 4 state changes with distinct ids (a replayed
+    # archive: only the domain key (job, instance, attempt) can deduplicate them)
+    env.add_job()
+    warning = event_loader("spot_interruption_warning")
+    deliveries = [(interruption, warning)] * 4 + [
+        (instance_state, event_loader("instance_state_terminated", id=f"bbbbbbbb-0000-0000-0000-{n:012d}"))
+        for n in range(4)
+    ]
+    responses: list[tuple[str, dict[str, Any]]] = []
+    in_progress: list[BaseException] = []
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(len(deliveries))
+
+    def worker(module: Any, event: dict[str, Any]) -> None:
+        barrier.wait()
+        try:
+            responses.append((event["id"], deliver(module, event, context)))
+        except IdempotencyAlreadyInProgressError as exc:
+            in_progress.append(exc)  # Lambda retries these and gets the stored result
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=pair) for pair in deliveries]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Then nothing fails, exactly one delivery records the loss and starts the resume,
+    # and exactly one checkpoint request goes out (only the warning sends one)
+    assert failures == []
+    assert len(responses) + len(in_progress) == 8
+    assert len(in_progress) <= 3  # only same-id warnings can collide
+    # A replayed warning returns the stored response: count each event once.
+    by_event = dict(responses)
+    assert len(by_event) == 5
+    assert {r["outcome"] for r in by_event.values()} == {"resume_started"}
+    assert sum(r["interruption_recorded"] for r in by_event.values()) == 1
+    assert sum(r["execution_started"] for r in by_event.values()) == 1
+    job = env.store.get(env.job_id)
+    assert job.status == JobStatus.INTERRUPTED and len(job.interruptions) == 1
+    assert len(env.executions()) == 1
+    assert len(env.ssm_commands()) == 1
+
+
+def log_records(caplog: Any, message: str) -> list[Any]:
+    return [r for r in caplog.records if r.getMessage() == message]
+
+
+def test_each_error_outcome_has_a_clear_log_line_with_ids(
+    env, interruption, context, event_loader, monkeypatch, caplog
+):
+    from moto.ssm.models import SimpleSystemManagerBackend
+
+    caplog.set_level("INFO")
+    # an unmanaged instance: info, with the instance id
+    deliver(interruption, event_loader("spot_interruption_warning"), context)
+    (unmanaged,) = log_records(caplog, "ec2 event handled")
+    assert (unmanaged.levelname, unmanaged.outcome, unmanaged.instance_id) == (
+        "INFO",
+        "ignored_unmanaged",
+        env.instance_id,
+    )
+    caplog.clear()
+
+    # a malformed event: error, with the event id and the problem
+    broken = event_loader("spot_interruption_warning", id="cccccccc-0000-0000-0000-000000000001")
+    broken["detail"]["instance-id"] = "nope"
+    with pytest.raises(Exception, match="malformed"):
+        deliver(interruption, broken, context)
+    (rejected,) = log_records(caplog, "malformed ec2 event")
+    assert rejected.levelname == "ERROR"
+    assert rejected.event_id == broken["id"] and "instance-id" in rejected.problem
+    caplog.clear()
+
+    # SSM cannot reach the instance: warning naming job and instance, then the resume
+    def gone(self: Any, **kwargs: Any) -> Any:
+        raise ssm_error("InvalidInstanceId")
+
+    monkeypatch.setattr(SimpleSystemManagerBackend, "send_command", gone)
+    env.add_job()
+    deliver(
+        interruption,
+        event_loader("spot_interruption_warning", id="cccccccc-0000-0000-0000-000000000002"),
+        context,
+    )
+    (undelivered,) = [
+        r for r in caplog.records if r.getMessage().startswith("checkpoint request not delivered")
+    ]
+    assert undelivered.levelname == "WARNING"
+    assert (undelivered.job_id, undelivered.instance_id) == (env.job_id, env.instance_id)
+    assert "InvalidInstanceId" in undelivered.error
+    (handled,) = log_records(caplog, "ec2 event handled")
+    assert (handled.outcome, handled.job_id, handled.attempt) == ("resume_started", env.job_id, 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -90,6 +91,15 @@ def test_handshake_answered_before_the_launch_finishes(cloud: Cloud) -> None:
         # When the agent records its final checkpoint while the launch is in flight
         cloud.wait_for_token(job)
         cloud.agent_checkpoint(job, 150, final=True)
+        # The callback lands on the interpreter's thread: hold the launch until it has,
+        # or a loaded machine can order the two TaskSucceeded events either way.
+        deadline = time.monotonic() + 10
+        while not any(
+            _resource_of(e) == "updateItem.waitForTaskToken"
+            for e in _task_events(cloud, arn, "TaskSucceeded")
+        ):
+            assert time.monotonic() < deadline, "the handshake never completed"
+            time.sleep(0.02)
     finally:
         gate.set()
 
@@ -429,3 +439,104 @@ def test_duplicate_start_of_the_same_execution_launches_once(cloud: Cloud) -> No
     _assert_recovered(cloud, job, first, kind="none", step=None, pool=pools[1])
     executions = cloud.sfn.list_executions(stateMachineArn=cloud.state_machine_arn)["executions"]
     assert [e["name"] for e in executions].count(jobs.execution_name(job.job_id, job.attempt)) == 1
+
+
+# --- handshake edge cases ------------------------------------------------------------------
+
+
+def test_agent_reporting_a_failed_checkpoint_falls_back_at_once(cloud: Cloud) -> None:
+    # Given the old instance's agent could not write its final checkpoint and says so
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=80)
+    started = time.monotonic()
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=60))
+    row = cloud.wait_for_token(job)
+
+    cloud.sfn.send_task_failure(
+        taskToken=row["task_token"], error="trainctl.CheckpointFailed", cause="disk full"
+    )
+
+    # Then the workflow does not sit out the deadline: it resumes from the periodic one
+    _assert_recovered(cloud, job, arn, kind="fallback", step=80, pool=pools[1])
+    assert time.monotonic() - started < 30
+    assert not any(e["type"] == "TaskTimedOut" for e in cloud.history(arn))
+
+
+def test_a_final_checkpoint_landing_after_the_fallback_is_fenced_off(cloud: Cloud) -> None:
+    # Given the handshake timed out and the replacement was recorded from step 100
+    from trainctl_core.store import Superseded
+
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=100)
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=1))
+    _assert_recovered(cloud, job, arn, kind="fallback", step=100, pool=pools[1])
+    recorded = cloud.store.get(job.job_id)
+
+    # When the old agent's final checkpoint lands late
+    with pytest.raises(Superseded):
+        cloud.agent_checkpoint(job, 150, final=True)
+
+    # Then the new attempt's resume point and checkpoints are untouched
+    after = cloud.store.get(job.job_id)
+    assert after.resume_point == recorded.resume_point
+    assert (after.final_checkpoint, after.last_checkpoint) == (
+        recorded.final_checkpoint,
+        recorded.last_checkpoint,
+    )
+    assert after.version == recorded.version
+
+
+def test_rebalance_migrate_awaits_the_final_checkpoint_like_a_warning(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=100, reason=InterruptionReason.REBALANCE_MIGRATE)
+    arn = cloud.start(cloud.workflow_input(job, "rebalance-migrate", handshake_timeout_seconds=30))
+    cloud.wait_for_token(job)
+    cloud.agent_checkpoint(job, 120, final=True)
+
+    _assert_recovered(cloud, job, arn, kind="final", step=120, pool=pools[1])
+    (message,) = cloud.messages(job.job_id)
+    body = message["body"]
+    assert body["event"] == "rebalance-migrate"
+    assert body["interrupted_instance_id"] == job.instance_id
+    # The message carries what "seconds from notice to launch" is computed from.
+    noticed = datetime.fromisoformat(body["noticed_at"].replace("Z", "+00:00"))
+    launched = datetime.fromisoformat(body["launched_at"].replace("Z", "+00:00"))
+    assert timedelta(0) <= launched - noticed < timedelta(minutes=1)
+
+
+def test_a_final_checkpoint_of_an_earlier_attempt_does_not_satisfy_the_handshake(cloud: Cloud) -> None:
+    # Given attempt 1 runs after a recovery whose final checkpoint (attempt 0) is on the row
+    pools = cloud.pools("m5.large", "m5.xlarge", "c5.large")
+    job = cloud.interrupted_job(pools, periodic_step=100)
+    first = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=30))
+    cloud.wait_for_token(job)
+    cloud.agent_checkpoint(job, 150, final=True)
+    cloud.wait(first)
+    second = cloud.store.get(job.job_id)
+    assert second.attempt == 1 and second.final_checkpoint is not None
+    second = cloud.store.apply(
+        jobs.mark_running(second, instance_id=second.instance_id or "", now=jobs.utcnow())
+    )
+    second = cloud.store.apply(
+        jobs.mark_interrupted(
+            second,
+            instance_id=second.instance_id or "",
+            reason=InterruptionReason.SPOT_WARNING,
+            now=jobs.utcnow(),
+            deadline=jobs.utcnow() + timedelta(minutes=2),
+        )
+    )
+
+    # When attempt 1 is interrupted, the workflow must wait for *its* final checkpoint
+    arn = cloud.start(cloud.workflow_input(second, "spot-warning", handshake_timeout_seconds=30))
+    cloud.wait_for_token(second)
+    cloud.agent_checkpoint(second, 210, final=True)
+
+    # (two recoveries of one job: checked here rather than by _assert_recovered's one-message rule)
+    assert cloud.wait(arn)["status"] == "SUCCEEDED"
+    record = cloud.store.get(job.job_id)
+    assert (record.status, record.attempt) == (JobStatus.LAUNCHING, 2)
+    assert record.resume_point is not None
+    assert (record.resume_point.kind, record.resume_point.step) == ("final", 210)
+    assert [a.pool for a in record.attempts] == [pools[0].label, pools[1].label, pools[0].label]
+    assert [m["body"]["checkpoint"] for m in cloud.messages(job.job_id)] == ["final", "final"]

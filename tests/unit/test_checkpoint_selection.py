@@ -1,0 +1,287 @@
+"""Choosing the resume point: the newest checkpoint whose manifest verifies, with every
+kind of partial or corrupt checkpoint skipped by name, and retention that never deletes
+what a resume may still need.
+
+Storage is an in-memory fake of `CheckpointStorage` (no S3, no sockets); the files a
+"fetch" hands back are written to tmp_path, because verification hashes local files.
+Manifest parsing basics and the simple selection cases live in
+tests/training/test_checkpoint_layout.py; this file covers the composed decision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from trainctl_core import checkpoints as ck
+
+JOB = "job-1"
+CREATED = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+
+
+class MemoryStorage:
+    """`CheckpointStorage` in a dict: {step: {relative path: bytes}}, manifest included."""
+
+    def __init__(self) -> None:
+        self.objects: dict[int, dict[str, bytes]] = {}
+        self.deleted: list[int] = []
+
+    # --- writing helpers for the tests ---
+
+    def save(self, step: int, files: dict[str, bytes], *, manifest: bool = True, **fields: object) -> None:
+        self.objects[step] = dict(files)
+        if manifest:
+            self.objects[step][ck.MANIFEST_NAME] = make_manifest(step, files, **fields).to_json()
+
+    # --- the protocol ---
+
+    def describe(self, step: int) -> str:
+        return f"memory://{ck.checkpoint_prefix(JOB, step)}"
+
+    def list_steps(self) -> list[int]:
+        return sorted(self.objects)
+
+    def read_manifest(self, step: int) -> bytes | None:
+        return self.objects.get(step, {}).get(ck.MANIFEST_NAME)
+
+    def put_files(self, step: int, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]) -> None:
+        for local, relative in files:
+            self.objects.setdefault(step, {})[relative] = Path(local).read_bytes()
+
+    def put_manifest(self, step: int, manifest: bytes) -> None:
+        self.objects.setdefault(step, {})[ck.MANIFEST_NAME] = manifest
+
+    def fetch(self, step: int, files: Sequence[ck.ManifestFile], dest_dir: str) -> dict[str, str]:
+        paths: dict[str, str] = {}
+        for entry in files:
+            data = self.objects.get(step, {}).get(entry.path)
+            if data is None:
+                raise ck.FetchFailed(f"download failed: {entry.path} not found")
+            path = os.path.join(dest_dir, str(step), entry.path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Path(path).write_bytes(data)
+            paths[entry.path] = path
+        return paths
+
+    def delete(self, step: int) -> None:
+        self.deleted.append(step)
+        self.objects.pop(step, None)
+
+
+def make_manifest(step: int, files: dict[str, bytes], **fields: object) -> ck.Manifest:
+    data: dict[str, object] = {
+        "job_id": JOB,
+        "step": step,
+        "attempt": 0,
+        "instance_id": "i-0123456789abcdef0",
+        "framework": "torch",
+        "created_at": CREATED,
+        "files": [ck.ManifestFile(path=p, size=len(b), xxh3_128=ck.hash_bytes(b)) for p, b in files.items()],
+    }
+    data.update(fields)
+    return ck.Manifest.model_validate(data)
+
+
+def choose(storage: MemoryStorage, tmp_path: Path, *, at_most: int | None = None) -> ck.Selection:
+    """What restore does: newest first, full verification, first valid wins."""
+
+    def verify(step: int) -> str | None:
+        outcome = ck.verify_checkpoint(storage, step, job_id=JOB, dest_dir=str(tmp_path))
+        return outcome if isinstance(outcome, str) else None
+
+    return ck.select_newest_valid(storage.list_steps(), verify, at_most=at_most)
+
+
+STATE = {"model.pt": b"weights" * 100, "optim/state.pt": b"moments" * 50}
+
+
+# Each way a newer checkpoint can be broken, and the words its skip reason must contain.
+BROKEN: dict[str, str] = {
+    "killed before the manifest": "missing manifest",
+    "manifest truncated": "does not parse",
+    "file truncated": "bytes, manifest says",
+    "file from another writer": "hash",
+    "file never uploaded": "not found",
+    "manifest of another step": "says step 199 but sits under step 200",
+    "manifest of another job": "belongs to job job-2",
+    "unknown manifest format": "does not parse",
+}
+
+
+def save_broken(storage: MemoryStorage, step: int, kind: str) -> None:
+    """Save a checkpoint at `step` the way `kind` of failure leaves it."""
+    if kind == "killed before the manifest":
+        storage.save(step, STATE, manifest=False)
+        return
+    storage.save(step, STATE, job_id="job-2" if kind == "manifest of another job" else JOB)
+    objects = storage.objects[step]
+    if kind == "manifest truncated":
+        objects[ck.MANIFEST_NAME] = objects[ck.MANIFEST_NAME][:20]
+    elif kind == "file truncated":
+        objects["model.pt"] = objects["model.pt"][:7]
+    elif kind == "file from another writer":
+        objects["model.pt"] = objects["model.pt"].upper()
+    elif kind == "file never uploaded":
+        del objects["optim/state.pt"]
+    elif kind == "manifest of another step":
+        objects[ck.MANIFEST_NAME] = make_manifest(step - 1, STATE).to_json()
+    elif kind == "unknown manifest format":
+        objects[ck.MANIFEST_NAME] = objects[ck.MANIFEST_NAME].replace(b'"format": 1', b'"format": 7')
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_a_broken_newest_checkpoint_is_skipped_by_name_for_the_previous_one(
+    kind: str, tmp_path: Path
+) -> None:
+    # Given a good checkpoint at step 100 and a broken one at step 200
+    storage = MemoryStorage()
+    storage.save(100, STATE)
+    save_broken(storage, 200, kind)
+
+    selection = choose(storage, tmp_path)
+
+    # Then restore resumes from 100 and says why 200 was not used
+    assert selection.step == 100
+    [skipped] = selection.skipped
+    assert skipped.step == 200
+    assert BROKEN[kind] in skipped.reason
+
+
+def test_every_checkpoint_broken_means_start_fresh_with_all_reasons(tmp_path: Path) -> None:
+    storage = MemoryStorage()
+    for step, kind in zip(
+        (100, 200, 300),
+        ("killed before the manifest", "file truncated", "file from another writer"),
+        strict=True,
+    ):
+        save_broken(storage, step, kind)
+
+    selection = choose(storage, tmp_path)
+
+    assert selection.step is None
+    assert [s.step for s in selection.skipped] == [300, 200, 100]
+    assert "no valid checkpoint among 3" in selection.reason
+    assert "step 100: missing manifest" in selection.reason
+
+
+def test_the_resume_cap_ignores_newer_checkpoints_even_when_valid(tmp_path: Path) -> None:
+    # A superseded attempt's late upload (step 300) must not beat the row's resume point.
+    storage = MemoryStorage()
+    for step in (100, 200, 300):
+        storage.save(step, STATE)
+
+    selection = choose(storage, tmp_path, at_most=200)
+
+    assert selection.step == 200
+    assert selection.considered == 2
+    assert selection.skipped == []
+
+
+def test_a_valid_checkpoint_returns_its_manifest_and_verified_local_files(tmp_path: Path) -> None:
+    storage = MemoryStorage()
+    storage.save(100, STATE)
+
+    outcome = ck.verify_checkpoint(storage, 100, job_id=JOB, dest_dir=str(tmp_path))
+
+    assert not isinstance(outcome, str)
+    manifest, paths = outcome
+    assert manifest.step == 100 and manifest.total_bytes == sum(len(b) for b in STATE.values())
+    assert {k: Path(v).read_bytes() for k, v in paths.items()} == STATE
+
+
+def test_verification_stops_at_the_first_failing_check_without_hashing_a_missing_file(
+    tmp_path: Path,
+) -> None:
+    storage = MemoryStorage()
+    storage.save(5, STATE)
+    storage.objects[5].pop("model.pt")
+    assert "model.pt not found" in str(ck.verify_checkpoint(storage, 5, job_id=JOB, dest_dir=str(tmp_path)))
+
+
+def test_skips_are_reported_as_they_happen() -> None:
+    seen: list[ck.Skipped] = []
+    reasons = {3: "missing manifest", 2: "bad hash", 1: None}
+
+    selection = ck.select_newest_valid([1, 2, 3, 3], reasons.__getitem__, on_skip=seen.append)
+
+    assert selection.step == 1
+    assert seen == [ck.Skipped(3, "missing manifest"), ck.Skipped(2, "bad hash")]
+    assert selection.considered == 3  # duplicates in a listing are one candidate
+
+
+def test_verify_is_not_called_below_the_chosen_step() -> None:
+    asked: list[int] = []
+
+    def verify(step: int) -> str | None:
+        asked.append(step)
+        return None
+
+    assert ck.select_newest_valid(range(10), verify).step == 9
+    assert asked == [9]
+
+
+# --- retention ----------------------------------------------------------------------------------
+
+
+def test_retention_keeps_the_newest_n_and_the_resume_point() -> None:
+    valid = [10, 20, 30, 40, 50, 20]  # a duplicate listing entry changes nothing
+    assert ck.retention_victims(valid, keep=3) == [20, 10]
+    assert ck.retention_victims(valid, keep=3, protect=[10]) == [20]
+    assert ck.retention_victims(valid, keep=10) == []
+
+
+def test_retention_counts_only_valid_checkpoints(tmp_path: Path) -> None:
+    # Given two broken newer saves (maybe still uploading) and three valid ones, keep=2
+    storage = MemoryStorage()
+    for step in (100, 200, 300):
+        storage.save(step, STATE)
+    storage.save(400, STATE, manifest=False)
+    storage.save(500, STATE, manifest=False)
+    valid = [
+        s
+        for s in storage.list_steps()
+        if not isinstance(ck.verify_checkpoint(storage, s, job_id=JOB, dest_dir=str(tmp_path)), str)
+    ]
+
+    victims = ck.retention_victims(valid, keep=2)
+
+    # Then only the oldest valid one goes; the partial ones are not retention's business.
+    assert victims == [100]
+    for step in victims:
+        storage.delete(step)
+    assert choose(storage, tmp_path).step == 300
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_retention_must_keep_at_least_one(keep: int) -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        ck.retention_victims([1, 2], keep=keep)
+
+
+# --- layout edge cases ----------------------------------------------------------------------------
+
+
+def test_negative_steps_have_no_prefix() -> None:
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        ck.checkpoint_prefix(JOB, -1)
+
+
+@pytest.mark.parametrize(
+    ("name", "step"),
+    [("job-1/ckpt/000000000007/", 7), ("000000000007", 7), ("7", None), ("job-1/ckpt/00000000000x/", None)],
+)
+def test_only_fixed_width_step_names_are_checkpoints(name: str, step: int | None) -> None:
+    assert ck.step_of(name) == step
+
+
+def test_a_manifest_listing_a_file_twice_is_invalid() -> None:
+    data = json.loads(make_manifest(1, {"model.pt": b"x"}).to_json())
+    data["files"] = data["files"] * 2
+    raw = json.dumps(data).encode()
+    with pytest.raises(ck.InvalidManifest, match="does not parse"):
+        ck.parse_manifest(raw)
