@@ -540,3 +540,49 @@ def test_a_final_checkpoint_of_an_earlier_attempt_does_not_satisfy_the_handshake
     assert (record.resume_point.kind, record.resume_point.step) == ("final", 210)
     assert [a.pool for a in record.attempts] == [pools[0].label, pools[1].label, pools[0].label]
     assert [m["body"]["checkpoint"] for m in cloud.messages(job.job_id)] == ["final", "final"]
+
+
+def test_launch_is_the_third_step_after_the_guard_when_the_first_pool_is_reclaimed(cloud: Cloud) -> None:
+    # Given the usual case: attempt 0 ran in the first pool, which is being reclaimed
+    pools = cloud.pools("m5.large", "m5.xlarge", "c5.large")
+    job = cloud.interrupted_job(pools)
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=1))
+
+    # Then the replacement comes from the second pool, with no detour through the first
+    _assert_recovered(cloud, job, arn, kind="none", step=None, pool=pools[1])
+    entered = cloud.entered_states(arn)
+    # (the handshake branch's states interleave with the launch branch's: leave them out)
+    launch_branch = {
+        "Recover",
+        "ConsiderPool",
+        "LaunchSpot",
+        "NextPool",
+        "MorePools",
+        "PickPool",
+        "FirstPool",
+    }
+    after_guard = [s for s in entered[entered.index("Guard") + 1 :] if s in launch_branch]
+    assert after_guard[:3] == ["Recover", "ConsiderPool", "LaunchSpot"]
+
+
+def test_the_reclaimed_pool_is_tried_last_for_spot(cloud: Cloud) -> None:
+    # Given a job reclaimed in pool 0 while every other pool is out of Spot capacity
+    pools = cloud.pools("m5.large", "m5.xlarge", "c5.large")
+    job = cloud.interrupted_job(pools)
+    cloud.faults.calls.clear()
+    cloud.faults.out_of_capacity(pools[1], code="InsufficientInstanceCapacity")
+    cloud.faults.out_of_capacity(pools[2], code="InsufficientInstanceCapacity")
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=1))
+
+    # Then it tries 1, 2 and only then the reclaimed pool 0, where it launches
+    _assert_recovered(cloud, job, arn, kind="none", step=None, pool=pools[0])
+    assert cloud.faults.calls == [
+        (p.instance_type, p.subnet_id, "spot") for p in (pools[1], pools[2], pools[0])
+    ]
+
+
+def test_a_one_pool_job_relaunches_in_its_reclaimed_pool(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large")
+    job = cloud.interrupted_job(pools)
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=1))
+    _assert_recovered(cloud, job, arn, kind="none", step=None, pool=pools[0])
