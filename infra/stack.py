@@ -27,6 +27,7 @@ OUTPUT_FIS_TEMPLATE = "GameDayExperimentTemplateId"
 OUTPUT_SUBNETS = "SubnetIds"
 OUTPUT_SECURITY_GROUP = "InstanceSecurityGroupId"
 OUTPUT_INSTANCE_TYPES = "AllowedInstanceTypes"
+OUTPUT_AGENT_LOG_GROUP = "AgentLogGroupName"
 
 
 class TrainctlStack(Stack):
@@ -86,6 +87,7 @@ class TrainctlStack(Stack):
             OUTPUT_SUBNETS: Fn.join(",", instances.subnet_ids),
             OUTPUT_SECURITY_GROUP: instances.security_group.security_group_id,
             OUTPUT_INSTANCE_TYPES: ",".join(config.allowed_instance_types),
+            OUTPUT_AGENT_LOG_GROUP: instances.agent_logs.log_group_name,
         }
         for name, value in outputs.items():
             # Explicit ids keep the output keys stable whatever the construct tree becomes.

@@ -1,4 +1,5 @@
-"""Instances: network, instance role + profile, launch template, checkpoint SSM document.
+"""Instances: network, instance role + profile, launch template, checkpoint SSM document,
+and the agent's CloudWatch Logs group.
 
 The instance role is what a training instance can do with its credentials: reach SSM,
 read/write checkpoints, update job rows, answer the checkpoint handshake, pull images.
@@ -7,7 +8,7 @@ read/write checkpoints, update job rows, answer the checkpoint handshake, pull i
 
 from __future__ import annotations
 
-from aws_cdk import Annotations, Aws, Fn, Stack
+from aws_cdk import Annotations, ArnFormat, Aws, Fn, Stack
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr as ecr
@@ -22,6 +23,7 @@ from constructs import Construct
 from infra.config import TrainctlConfig
 from infra.constructs.nag import acknowledge
 from infra.packaging import agent_asset
+from trainctl import runtime_env
 from trainctl_core.checkpoints import CKPT_DIR
 from trainctl_core.jobs import JOB_ID_PATTERN
 from trainctl_core.settings import (
@@ -50,6 +52,11 @@ _RUN_INSTANCES_RESOURCES = (
 ROOT_DEVICE = "/dev/xvda"  # Amazon Linux 2023 (and the AL2023 Deep Learning AMIs)
 
 
+def agent_log_group_name(stack_name: str) -> str:
+    """`/trainctl/<stack>/agent`: the name `trainctl logs` falls back to without the output."""
+    return f"/trainctl/{stack_name}/agent"
+
+
 class Instances(Construct):
     """What every trainctl training instance is launched with."""
 
@@ -67,7 +74,9 @@ class Instances(Construct):
         self._config = config
         self.vpc, self.subnet_ids = self._build_network()
         self.security_group = self._build_security_group()
+        self.agent_logs = self._build_agent_logs()
         self.role = self._build_role(jobs_table, checkpoint_bucket, repository)
+        self._grant_log_shipping()
         self.instance_profile = iam.InstanceProfile(self, "InstanceProfile", role=self.role)
         self.checkpoint_document = self._build_checkpoint_document()
         self.launch_template = self._build_launch_template(jobs_table, checkpoint_bucket)
@@ -113,6 +122,51 @@ class Instances(Construct):
             vpc=self.vpc,
             description="trainctl training instances: no inbound; outbound for AWS APIs and packages",
             allow_all_outbound=True,
+        )
+
+    # --- agent logs ----------------------------------------------------------------------
+
+    def _build_agent_logs(self) -> logs.LogGroup:
+        # Named (not generated) so `trainctl logs` finds it even without the stack output.
+        # Default encryption at rest (CloudWatch Logs' own keys), like the handlers' logs: a
+        # customer key would cost a key per stack and make every reader need kms:Decrypt, and
+        # cdk-nag's AwsSolutions pack does not ask for one. One stream per
+        # `<job>/<attempt>/<instance>`, created by the agent.
+        return logs.LogGroup(
+            self,
+            "AgentLogs",
+            log_group_name=agent_log_group_name(Stack.of(self).stack_name),
+            retention=self._config.log_retention,
+            removal_policy=self._config.removal,
+        )
+
+    def _grant_log_shipping(self) -> None:
+        """Let the agent create its streams in, and put events to, the agent log group only."""
+        group_name = self.agent_logs.log_group_name
+        streams = Stack.of(self).format_arn(
+            service="logs",
+            resource="log-group",
+            resource_name=f"{group_name}:log-stream:*",
+            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+        )
+        # CreateLogStream authorises on the log group (`…:log-group:<name>:*`, the ARN the
+        # group's Arn attribute returns), PutLogEvents on the stream.
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="CreateAgentLogStreams",
+                actions=["logs:CreateLogStream"],
+                resources=[self.agent_logs.log_group_arn],
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(sid="ShipAgentLogs", actions=["logs:PutLogEvents"], resources=[streams])
+        )
+        acknowledge(
+            self.role,
+            "AwsSolutions-IAM5",
+            "Stream names are <job>/<attempt>/<instance>, unknown until a job runs (one role "
+            "serves every job); the wildcard is the stream name inside the agent log group only.",
+            f"Resource::{streams}",
         )
 
     # --- instance role -------------------------------------------------------------------
@@ -305,6 +359,7 @@ class Instances(Construct):
             f"cat > /etc/trainctl.env <<'EOF'\n"
             f"{ENV_JOBS_TABLE}={jobs_table.table_name}\n"
             f"{ENV_CHECKPOINT_BUCKET}={checkpoint_bucket.bucket_name}\n"
+            f"{runtime_env.AGENT_LOG_GROUP}={self.agent_logs.log_group_name}\n"
             f"AWS_DEFAULT_REGION={Aws.REGION}\n"
             "EOF",
             "cat > /etc/systemd/system/trainctl-agent.service <<'EOF'\n"

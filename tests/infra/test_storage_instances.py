@@ -8,6 +8,7 @@ from typing import Any
 from aws_cdk.assertions import Match
 
 from infra.stack import (
+    OUTPUT_AGENT_LOG_GROUP,
     OUTPUT_ALERTS_TOPIC,
     OUTPUT_CHECKPOINT_BUCKET,
     OUTPUT_CHECKPOINT_DOCUMENT,
@@ -17,6 +18,7 @@ from infra.stack import (
     OUTPUT_REPOSITORY_URI,
     OUTPUT_STATE_MACHINE,
 )
+from trainctl import runtime_env
 from trainctl_core.settings import (
     IDEMPOTENCY_PARTITION_KEY,
     IDEMPOTENCY_TTL_ATTRIBUTE,
@@ -264,3 +266,61 @@ def test_outputs_for_the_cli(any_synth: Any) -> None:
 
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
+
+
+# --- agent logs ------------------------------------------------------------------------
+
+
+def _agent_log_group(synth: Any) -> tuple[str, dict[str, Any]]:
+    logical_id = synth.logical_id("AgentLogs", "AWS::Logs::LogGroup")
+    return logical_id, synth.resources("AWS::Logs::LogGroup")[logical_id]
+
+
+def test_agent_log_group_is_named_for_the_cli_with_retention_and_removal(
+    default_synth: Any, prod_synth: Any
+) -> None:
+    from trainctl.commands.stack import default_agent_log_group
+
+    for synth, removal in ((default_synth, "Delete"), (prod_synth, "Retain")):
+        _, group = _agent_log_group(synth)
+        # The name `trainctl logs` falls back to when the stack has no AgentLogGroupName output.
+        assert group["Properties"]["LogGroupName"] == default_agent_log_group("Trainctl")
+        assert group["Properties"]["RetentionInDays"] == 30
+        assert group["DeletionPolicy"] == removal and group["UpdateReplacePolicy"] == removal
+
+
+def test_agent_log_group_output_names_the_group(any_synth: Any) -> None:
+    logical_id, _ = _agent_log_group(any_synth)
+    output = any_synth.json["Outputs"][OUTPUT_AGENT_LOG_GROUP]
+    assert output["Value"] == {"Ref": logical_id}
+    assert "Export" not in output
+    # The CLI reads the output under the name it defines itself.
+    from trainctl.commands.stack import OUTPUT_AGENT_LOG_GROUP as CLI_OUTPUT
+
+    assert CLI_OUTPUT == OUTPUT_AGENT_LOG_GROUP
+
+
+def test_instance_role_may_only_ship_to_the_agent_log_group(any_synth: Any) -> None:
+    logical_id, _ = _agent_log_group(any_synth)
+    statements = _statements(any_synth, "InstancesInstanceRoleDefaultPolicy")
+    logs_statements = [s for s in statements if any(a.startswith("logs:") for a in _as_list(s["Action"]))]
+    create = _by_sid(statements, "CreateAgentLogStreams")
+    put = _by_sid(statements, "ShipAgentLogs")
+    # Exactly these two, nothing else on CloudWatch Logs (no CreateLogGroup, no `logs:*`).
+    assert logs_statements == [create, put]
+    assert create["Action"] == "logs:CreateLogStream"
+    assert create["Resource"] == {"Fn::GetAtt": [logical_id, "Arn"]}
+    assert put["Action"] == "logs:PutLogEvents"
+    parts = put["Resource"]["Fn::Join"][1]
+    assert {"Ref": logical_id} in parts and parts[-1] == ":log-stream:*"
+    assert any(":logs:" in p for p in parts if isinstance(p, str))
+    assert "Condition" not in create and "Condition" not in put
+
+
+def test_user_data_hands_the_agent_its_log_group(any_synth: Any) -> None:
+    logical_id, _ = _agent_log_group(any_synth)
+    data = any_synth.one("AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]
+    parts = data["UserData"]["Fn::Base64"]["Fn::Join"][1]
+    index = parts.index({"Ref": logical_id})
+    assert parts[index - 1].endswith(f"\n{runtime_env.AGENT_LOG_GROUP}=")
+    assert parts[index + 1].startswith("\n")

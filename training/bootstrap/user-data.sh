@@ -12,6 +12,7 @@ BUCKET="${CheckpointBucketName}"
 REGION="${AWS::Region}"
 PACKAGE="${AgentPackage}"          # e.g. trainctl==0.1.0, or an S3 URL of the wheel
 IMAGE="${TrainingImage}"           # optional: run the job in this container image
+LOG_GROUP="${AgentLogGroupName}"   # the agent ships its and the training output here
 
 install -d -m 0750 /run/trainctl /var/lib/trainctl/staging
 
@@ -22,6 +23,7 @@ if [ -n "$IMAGE" ]; then
   if docker run --rm --network host --name trainctl-job \
       -v /run/trainctl:/run/trainctl -v /var/lib/trainctl:/var/lib/trainctl \
       -e TRAINCTL_JOBS_TABLE="$TABLE" -e TRAINCTL_CHECKPOINT_BUCKET="$BUCKET" -e AWS_REGION="$REGION" \
+      -e TRAINCTL_AGENT_LOG_GROUP="$LOG_GROUP" \
       "$IMAGE"; then
     shutdown -h now
   fi
@@ -56,6 +58,7 @@ Wants=network-online.target
 Environment=TRAINCTL_JOB_ID=$JOB_ID
 Environment=TRAINCTL_JOBS_TABLE=$TABLE
 Environment=TRAINCTL_CHECKPOINT_BUCKET=$BUCKET
+Environment=TRAINCTL_AGENT_LOG_GROUP=$LOG_GROUP
 Environment=TRAINCTL_STAGING_DIR=/var/lib/trainctl/staging
 Environment=AWS_REGION=$REGION
 WorkingDirectory=/var/lib/trainctl

@@ -37,9 +37,15 @@ def _agent_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--socket", default=os.environ.get(env.AGENT_SOCKET, env.DEFAULT_AGENT_SOCKET))
     parser.add_argument("--staging-dir", default=os.environ.get(env.STAGING_DIR))
+    parser.add_argument(
+        "--log-group",
+        default=os.environ.get(env.AGENT_LOG_GROUP),
+        help="ship the agent's and the training output to this CloudWatch Logs group (default: off)",
+    )
     parser.add_argument("--imds-poll-seconds", type=float, default=5.0)
     parser.add_argument("--heartbeat-seconds", type=float, default=30.0)
     parser.add_argument("--resume-wait-seconds", type=float, default=900.0)
+    parser.add_argument("--resume-poll-seconds", type=float, default=2.0)
     parser.add_argument("--no-imds", action="store_true", help="do not poll IMDS (SSM signals only)")
     parser.add_argument(
         "--shutdown-command",
@@ -113,15 +119,30 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
         imds_poll_seconds=args.imds_poll_seconds,
         heartbeat_seconds=args.heartbeat_seconds,
         resume_wait_seconds=args.resume_wait_seconds,
+        resume_poll_seconds=args.resume_poll_seconds,
         shutdown_command=shlex.split(args.shutdown_command) or None,
     )
-    agent = Agent(
-        config,
-        JobStore(clients.client("dynamodb", args.region), args.table),
-        handshake=Handshake(clients.client("stepfunctions", args.region)),
-        imds=imds,
-    )
-    return agent.run()
+    shipper = None
+    if args.log_group:
+        from trainctl.agent.logship import LogShipper, make_client
+
+        shipper = LogShipper(make_client(args.region), args.log_group, job_id=job_id, instance_id=instance_id)
+        if args.attempt is not None:
+            shipper.bind_attempt(args.attempt)
+        shipper.attach("trainctl")
+        shipper.start()
+    try:
+        agent = Agent(
+            config,
+            JobStore(clients.client("dynamodb", args.region), args.table),
+            handshake=Handshake(clients.client("stepfunctions", args.region)),
+            imds=imds,
+            logs=shipper,
+        )
+        return agent.run()
+    finally:
+        if shipper is not None:
+            shipper.close()  # the last records (the outcome) and a bounded wait
 
 
 def checkpoint_now_main(argv: Sequence[str] | None = None) -> int:

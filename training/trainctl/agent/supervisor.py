@@ -69,6 +69,16 @@ class HandshakePort(Protocol):
     def complete(self, task_token: str, output: dict[str, Any]) -> None: ...
 
 
+class LogSink(Protocol):
+    """Where the child's output goes besides stdout (trainctl.agent.logship.LogShipper)."""
+
+    def bind_attempt(self, attempt: int) -> None: ...
+
+    def write(self, message: str) -> None: ...
+
+    def flush(self) -> bool: ...
+
+
 @dataclass
 class AgentConfig:
     job_id: str
@@ -106,11 +116,13 @@ class Agent:
         handshake: HandshakePort | None = None,
         imds: ImdsClient | None = None,
         now: Callable[[], datetime] = jobs.utcnow,
+        logs: LogSink | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.handshake = handshake
         self.imds = imds
+        self.logs = logs
         self.now = now
         self.attempt: int = config.attempt if config.attempt is not None else -1
         self.child: subprocess.Popen[bytes] | None = None
@@ -136,6 +148,8 @@ class Agent:
 
     def run(self) -> int:
         job = self._wait_for_resume_point()
+        if job is not None and self.logs is not None:
+            self.logs.bind_attempt(self.attempt)  # the stream is <job>/<attempt>/<instance>
         if job is None:
             return EXIT_NO_RESUME_POINT if not self.stood_down else EXIT_STOOD_DOWN
         if not self._mark_running(job):
@@ -266,6 +280,8 @@ class Agent:
             self.log_tail.append(line.rstrip("\n"))
             sys.stdout.write(line)
             sys.stdout.flush()
+            if self.logs is not None:
+                self.logs.write(line)
 
     def _drain_output(self) -> None:
         self._output.join(timeout=5)
@@ -284,7 +300,14 @@ class Agent:
         except ProcessLookupError:
             pass
 
+    def _flush_logs(self) -> None:
+        # Bounded wait: an unreachable CloudWatch must not delay the outcome or the shutdown.
+        if self.logs is not None and not self.logs.flush():
+            logger.warning("not every log line reached CloudWatch Logs before the job's outcome")
+
     def _on_child_exit(self, returncode: int) -> int:
+        # Before the outcome: `trainctl logs --follow` stops once the job is terminal.
+        self._flush_logs()
         if self.stood_down:
             return EXIT_STOOD_DOWN
         if self._notice is not None and self._notice.stop:
@@ -295,6 +318,7 @@ class Agent:
             self._finish(succeeded=True, reason=None)
             if self.config.shutdown_command:
                 logger.info("job succeeded: shutting the instance down")
+                self._flush_logs()
                 subprocess.run(self.config.shutdown_command, check=False)
             return EXIT_OK
         tail = "\n".join(list(self.log_tail)[-15:])
