@@ -8,7 +8,7 @@ read/write checkpoints, update job rows, answer the checkpoint handshake, pull i
 
 from __future__ import annotations
 
-from aws_cdk import Annotations, ArnFormat, Aws, Fn, Stack
+from aws_cdk import Annotations, ArnFormat, Fn, Stack
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr as ecr
@@ -22,18 +22,17 @@ from constructs import Construct
 
 from infra.config import TrainctlConfig
 from infra.constructs.nag import acknowledge
-from infra.packaging import agent_asset
-from trainctl import runtime_env
+from infra.packaging import REPO_ROOT, agent_asset
 from trainctl_core.checkpoints import CKPT_DIR
 from trainctl_core.jobs import JOB_ID_PATTERN
 from trainctl_core.settings import (
-    ENV_CHECKPOINT_BUCKET,
-    ENV_JOBS_TABLE,
+    JOBS_PARTITION_KEY,
     SSM_PARAM_DEADLINE,
     SSM_PARAM_JOB_ID,
     TAG_JOB_ID,
     TAG_MANAGED,
 )
+from trainctl_core.store import job_key
 
 # Job rows only (`JOB#<id>`, see trainctl_core.store); other items are not the agent's.
 JOB_ROW_KEY_PATTERN = "JOB#*"
@@ -41,6 +40,9 @@ JOB_ROW_KEY_PATTERN = "JOB#*"
 CHECKPOINT_KEY_PATTERN = f"*/{CKPT_DIR}/*"
 AGENT_BIN = "/usr/local/bin/trainctl"
 AGENT_HOME = "/opt/trainctl"
+AGENT_ARCHIVE = "/tmp/trainctl-agent.zip"
+# The one bootstrap script (Fn::Sub placeholders for the values below); see its README.
+BOOTSTRAP_SCRIPT = REPO_ROOT / "training" / "bootstrap" / "user-data.sh"
 # Resources a RunInstances call creates or uses besides the instance and the AMI.
 _RUN_INSTANCES_RESOURCES = (
     "volume",
@@ -50,6 +52,14 @@ _RUN_INSTANCES_RESOURCES = (
     "spot-instances-request",
 )
 ROOT_DEVICE = "/dev/xvda"  # Amazon Linux 2023 (and the AL2023 Deep Learning AMIs)
+
+
+def bootstrap_script() -> str:
+    """The instance bootstrap as deployed: user-data.sh without its shebang (UserData adds one)."""
+    lines = BOOTSTRAP_SCRIPT.read_text().splitlines()
+    if lines and lines[0].startswith("#!"):
+        lines = lines[1:]
+    return "\n".join(lines)
 
 
 def agent_log_group_name(stack_name: str) -> str:
@@ -341,43 +351,29 @@ class Instances(Construct):
     def _user_data(
         self, agent: s3_assets.Asset, jobs_table: dynamodb.ITable, checkpoint_bucket: s3.IBucket
     ) -> ec2.UserData:
-        """Install the agent from the source asset, then run it under systemd."""
+        """Download the agent source asset, then run training/bootstrap/user-data.sh.
+
+        The script is the one bootstrap (installs the agent, writes the systemd unit, starts
+        `trainctl agent`, which takes its command from the job row); its placeholders are
+        filled here with Fn::Sub, so the values stay CloudFormation references.
+        """
         user_data = ec2.UserData.for_linux()
+        # Before the download, so a failed `aws s3 cp` stops the boot instead of the unzip.
+        user_data.add_commands("set -euo pipefail")
         archive = user_data.add_s3_download_command(
-            bucket=agent.bucket, bucket_key=agent.s3_object_key, local_file="/tmp/trainctl-agent.zip"
+            bucket=agent.bucket, bucket_key=agent.s3_object_key, local_file=AGENT_ARCHIVE
         )
-        user_data.add_commands(
-            "set -euo pipefail",
-            # The project needs Python >= 3.11; AL2023's default python3 is 3.9.
-            "command -v python3.11 >/dev/null || dnf install -y -q python3.11",
-            f"rm -rf {AGENT_HOME}/src && mkdir -p {AGENT_HOME}/src",
-            f"python3.11 -m zipfile -e {archive} {AGENT_HOME}/src",
-            f"python3.11 -m venv {AGENT_HOME}/venv",
-            f"{AGENT_HOME}/venv/bin/pip install --quiet --upgrade pip",
-            f"{AGENT_HOME}/venv/bin/pip install --quiet {AGENT_HOME}/src",
-            f"ln -sf {AGENT_HOME}/venv/bin/trainctl {AGENT_BIN}",
-            f"cat > /etc/trainctl.env <<'EOF'\n"
-            f"{ENV_JOBS_TABLE}={jobs_table.table_name}\n"
-            f"{ENV_CHECKPOINT_BUCKET}={checkpoint_bucket.bucket_name}\n"
-            f"{runtime_env.AGENT_LOG_GROUP}={self.agent_logs.log_group_name}\n"
-            f"AWS_DEFAULT_REGION={Aws.REGION}\n"
-            "EOF",
-            "cat > /etc/systemd/system/trainctl-agent.service <<'EOF'\n"
-            "[Unit]\n"
-            "Description=trainctl agent (checkpoints, heartbeats, interruption signals)\n"
-            "After=network-online.target\n"
-            "Wants=network-online.target\n"
-            "[Service]\n"
-            "EnvironmentFile=/etc/trainctl.env\n"
-            f"ExecStart={AGENT_BIN} agent\n"
-            "Restart=on-failure\n"
-            "RestartSec=5\n"
-            "[Install]\n"
-            "WantedBy=multi-user.target\n"
-            "EOF",
-            "systemctl daemon-reload",
-            "systemctl enable --now trainctl-agent.service",
-        )
+        variables = {
+            "JobsTableName": jobs_table.table_name,
+            "CheckpointBucketName": checkpoint_bucket.bucket_name,
+            "AgentLogGroupName": self.agent_logs.log_group_name,
+            "AgentArchive": archive,
+            "AgentHome": AGENT_HOME,
+            "AgentBin": AGENT_BIN,
+            "JobsPartitionKey": JOBS_PARTITION_KEY,
+            "JobKeyPrefix": job_key("")[JOBS_PARTITION_KEY]["S"],
+        }
+        user_data.add_commands(Fn.sub(bootstrap_script(), variables))
         return user_data
 
     # --- launching (for the resume workflow) ---------------------------------------------

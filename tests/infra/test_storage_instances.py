@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aws_cdk.assertions import Match
@@ -145,17 +152,6 @@ def test_launch_template_is_hardened(any_synth: Any) -> None:
     assert "IamInstanceProfile" in data and "SecurityGroupIds" in data
     # Pools (instance type x subnet) are chosen per launch by the workflow.
     assert "InstanceType" not in data and "InstanceMarketOptions" not in data
-
-
-def test_user_data_installs_and_starts_the_agent(any_synth: Any) -> None:
-    data = any_synth.one("AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]
-    script = "".join(
-        p if isinstance(p, str) else "<token>" for p in data["UserData"]["Fn::Base64"]["Fn::Join"][1]
-    )
-    assert "aws s3 cp" in script  # agent source from its CDK asset
-    assert "pip install --quiet /opt/trainctl/src" in script
-    assert "ExecStart=/usr/local/bin/trainctl agent" in script
-    assert "systemctl enable --now trainctl-agent.service" in script
 
 
 def test_security_group_has_no_ingress(any_synth: Any) -> None:
@@ -317,10 +313,294 @@ def test_instance_role_may_only_ship_to_the_agent_log_group(any_synth: Any) -> N
     assert "Condition" not in create and "Condition" not in put
 
 
-def test_user_data_hands_the_agent_its_log_group(any_synth: Any) -> None:
-    logical_id, _ = _agent_log_group(any_synth)
-    data = any_synth.one("AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]
-    parts = data["UserData"]["Fn::Base64"]["Fn::Join"][1]
-    index = parts.index({"Ref": logical_id})
-    assert parts[index - 1].endswith(f"\n{runtime_env.AGENT_LOG_GROUP}=")
-    assert parts[index + 1].startswith("\n")
+# --- user data: training/bootstrap/user-data.sh, as the launch template deploys it ------
+
+# `${Name}` (a substitution) or `${!Name}` (a literal `${Name}`), as Fn::Sub reads them.
+_PLACEHOLDER = re.compile(r"\$\{(!?)([^}]*)\}")
+_PSEUDO = {
+    "AWS::Region": "eu-west-1",
+    "AWS::AccountId": "123456789012",
+    "AWS::Partition": "aws",
+    "AWS::URLSuffix": "amazonaws.com",
+}
+# The 2-minute Spot notice: systemd must give the agent less than that to stop.
+_SPOT_NOTICE_SECONDS = 120
+# EC2 rejects user data over 16 KB (before base64).
+_USER_DATA_LIMIT = 16 * 1024
+
+
+def _user_data_parts(synth: Any) -> list[Any]:
+    data = synth.one("AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]
+    separator, parts = data["UserData"]["Fn::Base64"]["Fn::Join"]
+    assert separator == ""
+    return list(parts)
+
+
+def _bootstrap_sub(synth: Any) -> tuple[int, str, dict[str, Any]]:
+    """(index in the user data, body, variables) of the bootstrap script's Fn::Sub."""
+    found = [
+        (i, p["Fn::Sub"][0], p["Fn::Sub"][1])
+        for i, p in enumerate(_user_data_parts(synth))
+        if isinstance(p, dict) and isinstance(p.get("Fn::Sub"), list)
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _dummy(token: Any) -> str:
+    """A value standing in for a CloudFormation reference (physical names are unknown)."""
+    assert isinstance(token, dict) and set(token) == {"Ref"}, f"unexpected token {token}"
+    return f"dummy-{token['Ref'].lower()}"
+
+
+def _fn_sub(body: str, variables: dict[str, Any]) -> str:
+    def one(match: re.Match[str]) -> str:
+        literal, name = match.groups()
+        if literal:
+            return "${" + name + "}"
+        if name in variables:
+            value = variables[name]
+            return value if isinstance(value, str) else _dummy(value)
+        assert name in _PSEUDO, f"unresolved placeholder ${{{name}}} would reach the template"
+        return _PSEUDO[name]
+
+    return _PLACEHOLDER.sub(one, body)
+
+
+def _render(synth: Any) -> str:
+    """The user data as an instance receives it, with dummy values for references."""
+    rendered = []
+    for part in _user_data_parts(synth):
+        if isinstance(part, str):
+            rendered.append(part)
+        elif isinstance(part.get("Fn::Sub"), str):
+            rendered.append(_fn_sub(part["Fn::Sub"], {}))
+        elif isinstance(part.get("Fn::Sub"), list):
+            rendered.append(_fn_sub(*part["Fn::Sub"]))
+        else:
+            rendered.append(_dummy(part))
+    return "".join(rendered)
+
+
+def test_user_data_is_the_bootstrap_script_after_the_agent_download(any_synth: Any) -> None:
+    from infra.constructs.instances import AGENT_BIN, bootstrap_script
+
+    _, body, variables = _bootstrap_sub(any_synth)
+    # The one bootstrap: training/bootstrap/user-data.sh, verbatim (shebang aside).
+    assert body == bootstrap_script()
+    assert "#!" not in body.splitlines()[0]
+    # After the CDK asset download, and unpacking what that download wrote.
+    before = _render(any_synth).split(bootstrap_script().splitlines()[0])[0]
+    download = re.search(r"aws s3 cp 's3://[^']+' '([^']+)'", before)
+    assert download and download.group(1) == variables["AgentArchive"]
+    assert before.index("set -euo pipefail") < download.start()
+    # References to this stack's resources, not copies of their names.
+    assert variables["JobsTableName"] == {"Ref": any_synth.logical_id("JobsTable", "AWS::DynamoDB::Table")}
+    assert variables["CheckpointBucketName"] == {
+        "Ref": any_synth.logical_id("CheckpointBucket", "AWS::S3::Bucket")
+    }
+    # The SSM checkpoint document runs the binary the bootstrap links.
+    assert variables["AgentBin"] == AGENT_BIN
+    document = any_synth.one("AWS::SSM::Document")["Properties"]["Content"]
+    assert document["mainSteps"][0]["inputs"]["runCommand"][0].startswith(f"{AGENT_BIN} checkpoint-now ")
+
+
+def test_every_bootstrap_placeholder_is_substituted(any_synth: Any) -> None:
+    from infra.constructs.instances import BOOTSTRAP_SCRIPT
+
+    _, _, variables = _bootstrap_sub(any_synth)
+    in_file = {name for literal, name in _PLACEHOLDER.findall(BOOTSTRAP_SCRIPT.read_text()) if not literal}
+    # Every placeholder is a variable infra fills or a pseudo parameter; no variable is unused.
+    assert in_file - set(_PSEUDO) == set(variables)
+    assert all(value not in ("", None) for value in variables.values())
+    _render(any_synth)  # raises on any placeholder Fn::Sub could not resolve
+
+
+def test_rendered_user_data_is_valid_bash_under_the_ec2_limit(any_synth: Any, tmp_path: Any) -> None:
+    script = tmp_path / "user-data"
+    script.write_text(_render(any_synth))
+    assert len(script.read_bytes()) < _USER_DATA_LIMIT
+    checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stderr
+
+
+# Stand-ins for what the script calls on an instance; each records its call in $LOG.
+_STUBS = {
+    "dnf": """echo "dnf $*" >> "$LOG"
+for pkg in "$@"; do case "$pkg" in python3.11|docker) cp "$PKGS/$pkg" "$STUBS/$pkg" ;; esac; done
+""",
+    "systemctl": 'echo "systemctl $*" >> "$LOG"\n',
+    "shutdown": 'echo "shutdown $*" >> "$LOG"\n',
+    "curl": """case "$*" in
+  *"-X PUT http://169.254.169.254/latest/api/token"*) echo token-1 ;;
+  *"X-aws-ec2-metadata-token: token-1"*/meta-data/tags/instance/trainctl:job-id) echo "$JOB_ID" ;;
+  *) exit 22 ;;
+esac
+""",
+    "aws": """echo "aws $*" >> "$LOG"
+case "$1 $2" in
+  "s3 cp") cp "$AGENT_ZIP" "$4" ;;
+  "dynamodb get-item") echo "$JOB_IMAGE" ;;
+  "ecr get-login-password") echo ecr-secret ;;
+  *) exit 1 ;;
+esac
+""",
+}
+_PACKAGES = {
+    "python3.11": """echo "python3.11 $*" >> "$LOG"
+if [ "$1 $2" = "-m venv" ]; then
+  mkdir -p "$3/bin"
+  for tool in pip trainctl; do
+    printf '#!/bin/bash\\necho "%s $*" >> "$LOG"\\n' "$tool" > "$3/bin/$tool"
+    chmod +x "$3/bin/$tool"
+  done
+  exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+""",
+    "docker": """echo "docker $*" >> "$LOG"
+if [ "$1" = login ]; then echo "docker login password $(cat)" >> "$LOG"; fi
+""",
+}
+_TOOLS = ("cat", "chmod", "cp", "cut", "dirname", "install", "ln", "mkdir", "rm")
+# Folders Amazon Linux 2023 has; the script must create everything else it writes to.
+_ON_EVERY_INSTANCE = ("usr/local/bin", "etc/systemd/system", "opt", "run", "var/lib", "tmp")
+# Absolute paths the script writes, moved under the test's root.
+_INSTANCE_PATHS = re.compile(
+    r"(?<![\w/])(/tmp/trainctl-agent\.zip|/opt/trainctl|/usr/local/bin/|/run/trainctl"
+    r"|/var/lib/trainctl|/etc/trainctl|/etc/systemd/system)"
+)
+
+
+@dataclass
+class _Boot:
+    root: Path
+    log: list[str]
+    unit: dict[str, list[str]]
+    env: dict[str, str]
+    env_file: str
+    stubs: Path
+
+
+def _boot(synth: Any, tmp_path: Path, *, job_image: str) -> _Boot:
+    """Run the rendered user data as cloud-init would, with the instance's commands stubbed."""
+    root, stubs, packages, tools = (tmp_path / d for d in ("root", "stubs", "packages", "tools"))
+    for folder in (root, stubs, packages, tools):
+        folder.mkdir()
+    for present in _ON_EVERY_INSTANCE:
+        (root / present).mkdir(parents=True)
+    for folder, scripts in ((stubs, _STUBS), (packages, _PACKAGES)):
+        for name, body in scripts.items():
+            (folder / name).write_text("#!/bin/bash\n" + body)
+            (folder / name).chmod(0o755)
+    for tool in _TOOLS:
+        found = shutil.which(tool)
+        assert found, tool
+        (tools / tool).symlink_to(found)
+    agent_zip = tmp_path / "agent-source.zip"
+    with zipfile.ZipFile(agent_zip, "w") as archive:
+        archive.writestr("pyproject.toml", "[project]\nname = 'trainctl'\n")
+    script = tmp_path / "user-data"
+    script.write_text(_INSTANCE_PATHS.sub(lambda m: f"{root}{m.group(1)}", _render(synth)))
+    log = tmp_path / "calls.log"
+    env = {
+        "PATH": f"{stubs}:{tools}",
+        "LOG": str(log),
+        "STUBS": str(stubs),
+        "PKGS": str(packages),
+        "REAL_PYTHON": sys.executable,
+        "AGENT_ZIP": str(agent_zip),
+        "JOB_ID": "job-1",
+        "JOB_IMAGE": job_image,
+    }
+    ran = subprocess.run(
+        ["/bin/bash", str(script)], env=env, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert ran.returncode == 0, ran.stderr
+    unit: dict[str, list[str]] = {}
+    for line in (root / "etc/systemd/system/trainctl-agent.service").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            unit.setdefault(key, []).append(value)
+    env_file = root / "etc/trainctl/agent.env"
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    return _Boot(root, log.read_text().splitlines(), unit, values, str(env_file), stubs)
+
+
+def _never_restarts(boot: _Boot) -> None:
+    # Exit codes are outcomes the agent recorded; a restart would rerun a user bug forever.
+    assert boot.unit["Restart"] == ["no"]
+    assert boot.unit["KillMode"] == ["mixed"]
+    (timeout,) = boot.unit["TimeoutStopSec"]
+    assert 60 <= int(timeout) < _SPOT_NOTICE_SECONDS
+    assert boot.unit["EnvironmentFile"] == [boot.env_file]
+    assert boot.log[-2:] == ["systemctl daemon-reload", "systemctl enable --now trainctl-agent.service"]
+
+
+def test_user_data_starts_the_agent_without_a_command_and_never_restarts(
+    default_synth: Any, tmp_path: Path
+) -> None:
+    from infra.constructs.instances import AGENT_BIN, AGENT_HOME
+
+    # When an instance boots a job without an image
+    boot = _boot(default_synth, tmp_path, job_image="None")
+    home, agent_bin = f"{boot.root}{AGENT_HOME}", f"{boot.root}{AGENT_BIN}"
+    # Then Python 3.11 is installed, and the agent from the downloaded source asset
+    assert "dnf install -y -q python3.11" in boot.log
+    assert (Path(home) / "src" / "pyproject.toml").is_file()  # really unpacked
+    assert f"pip install --quiet {home}/src" in boot.log
+    assert Path(agent_bin).resolve() == Path(home, "venv", "bin", "trainctl")
+    # And the agent starts with no command (it runs the job row's) and is never restarted
+    assert boot.unit["ExecStart"] == [f"{agent_bin} agent"]
+    assert "ExecStopPost" not in boot.unit
+    _never_restarts(boot)
+    assert not any(call.startswith("docker") for call in boot.log)
+    # The job row was read for its image only, by the key of the tagged job
+    (read,) = [call for call in boot.log if call.startswith("aws dynamodb get-item")]
+    assert f'--key {{"{JOBS_PARTITION_KEY}":{{"S":"JOB#job-1"}}}}' in read and "spec.image" in read
+
+
+def test_user_data_hands_the_agent_its_table_bucket_log_group_and_region(
+    default_synth: Any, tmp_path: Path
+) -> None:
+    _, _, variables = _bootstrap_sub(default_synth)
+    logical_id, _ = _agent_log_group(default_synth)
+    assert variables["AgentLogGroupName"] == {"Ref": logical_id}
+    boot = _boot(default_synth, tmp_path, job_image="None")
+    assert boot.env == {
+        runtime_env.JOBS_TABLE: _dummy(variables["JobsTableName"]),
+        runtime_env.CHECKPOINT_BUCKET: _dummy(variables["CheckpointBucketName"]),
+        runtime_env.AGENT_LOG_GROUP: _dummy({"Ref": logical_id}),
+        runtime_env.STAGING_DIR: f"{boot.root}{runtime_env.DEFAULT_STAGING_DIR}",
+        runtime_env.REGION: _PSEUDO["AWS::Region"],
+        "AWS_DEFAULT_REGION": _PSEUDO["AWS::Region"],
+    }
+
+
+def test_user_data_runs_a_job_image_with_the_agent_as_entrypoint(default_synth: Any, tmp_path: Path) -> None:
+    image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/trainctl:abc123"
+    # When the job row names an image in our ECR registry
+    boot = _boot(default_synth, tmp_path, job_image=image)
+    # Then docker is installed, logged in to that registry and the image pulled
+    assert "dnf install -y -q docker" in boot.log
+    login = boot.log.index(
+        "docker login --username AWS --password-stdin 123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+    )
+    assert boot.log[login + 1] == "docker login password ecr-secret"
+    assert f"docker pull --quiet {image}" in boot.log
+    # And the unit runs it with the agent's environment and no command after the image
+    # (arguments replace the image's default CMD, so the agent runs the row's command)
+    (exec_start,) = boot.unit["ExecStart"]
+    argv = exec_start.split()
+    assert argv[:3] == ["/usr/bin/docker", "run", "--rm"]
+    assert argv[argv.index("--env-file") + 1] == boot.env_file
+    assert argv[argv.index(image) + 1 :] == ["--staging-dir", boot.env[runtime_env.STAGING_DIR]]
+    assert f"{boot.root}/run/trainctl:{boot.root}/run/trainctl" in argv
+    _never_restarts(boot)
+    # The host powers off after a success only (a container cannot)
+    (after,) = boot.unit["ExecStopPost"]
+    for result, shut_down in (("success", True), ("exit-code", False)):
+        log = tmp_path / f"after-{result}.log"
+        env = {"PATH": str(boot.stubs), "LOG": str(log), "SERVICE_RESULT": result}
+        assert subprocess.run([after], env=env, check=False).returncode == 0
+        assert (log.exists() and log.read_text() == "shutdown -h now\n") is shut_down

@@ -22,7 +22,7 @@ from trainctl.agent.imds import ImdsClient
 from trainctl.agent.supervisor import EXIT_STOOD_DOWN, Agent, AgentConfig
 from trainctl_core import checkpoints as ck
 from trainctl_core import jobs, settings
-from trainctl_core.store import JobStore
+from trainctl_core.store import JobStore, job_key
 from trainctl_core.workflow import Handshake
 
 from .conftest import REGION
@@ -292,3 +292,99 @@ def test_checkpoint_now_fails_clearly_without_an_agent(tmp_path: Any, capsys: An
     rc = cli.checkpoint_now_main(["--job-id", JOB, "--socket", str(tmp_path / "none.sock"), "--timeout", "1"])
     assert rc == cli.EXIT_CHECKPOINT_FAILED
     assert "unreachable" in capsys.readouterr().err
+
+
+# --- `trainctl agent` without a command: the job row's (what the instance bootstrap runs) --
+
+
+def _job_with_command(world: World, command: list[str]) -> jobs.Job:
+    spec = jobs.JobSpec(
+        name=JOB,
+        command=command,
+        pools=[jobs.CapacityPool(instance_type="c7i.large", subnet_id="subnet-0aaa1111")],
+    )
+    return world.launch(world.store.create(jobs.new_job(JOB, spec)), INSTANCE)
+
+
+def _writes(marker: Any) -> list[str]:
+    return [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('ran')"]
+
+
+def _agent_argv(tmp_path: Any, *extra: str) -> list[str]:
+    return [
+        "--table",
+        TABLE,
+        "--region",
+        REGION,
+        "--socket",
+        str(tmp_path / "cli-agent.sock"),
+        "--shutdown-command",
+        "",
+        "--imds-poll-seconds",
+        "0.2",
+        "--heartbeat-seconds",
+        "0.5",
+        *extra,
+    ]
+
+
+def test_agent_without_command_runs_the_job_rows_command_with_job_id_from_imds_tag(
+    world: World, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a launched job whose row holds the command, and an instance tagged with its id
+    marker = tmp_path / "from-row"
+    _job_with_command(world, _writes(marker))
+    for name in (cli.env.JOB_ID, cli.env.INSTANCE_ID):
+        monkeypatch.delenv(name, raising=False)
+    with FakeImds(INSTANCE, tags={settings.TAG_JOB_ID: JOB}) as fake:
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", fake.url)
+        # When the bootstrap starts `trainctl agent` with no command after `--`
+        rc = cli.agent_main(_agent_argv(tmp_path))
+    # Then the row's command ran under the agent and the job succeeded
+    assert rc == 0
+    assert marker.read_text() == "ran"
+    job = world.store.get(JOB)
+    assert job.status == jobs.JobStatus.SUCCEEDED and job.instance_id == INSTANCE
+
+
+def test_explicit_command_after_dashes_wins_over_the_job_row(world: World, tmp_path: Any) -> None:
+    from_row, explicit = tmp_path / "from-row", tmp_path / "explicit"
+    _job_with_command(world, _writes(from_row))
+    argv = _agent_argv(
+        tmp_path, "--no-imds", "--job-id", JOB, "--instance-id", INSTANCE, "--", *_writes(explicit)
+    )
+    assert cli.agent_main(argv) == 0
+    assert explicit.read_text() == "ran" and not from_row.exists()
+    assert world.store.get(JOB).status == jobs.JobStatus.SUCCEEDED
+
+
+def test_agent_without_command_refuses_an_unknown_job(world: World, tmp_path: Any, capsys: Any) -> None:
+    argv = _agent_argv(tmp_path, "--no-imds", "--job-id", "no-such-job", "--instance-id", INSTANCE)
+    assert cli.agent_main(argv) == 64
+    err = capsys.readouterr().err
+    assert "job no-such-job not found" in err and TABLE in err
+
+
+def test_agent_without_command_refuses_a_row_without_a_command(
+    world: World, tmp_path: Any, capsys: Any
+) -> None:
+    # Given a row whose spec lost its command (written by hand or by an older client)
+    _job_with_command(world, ["true"])
+    world.ddb.update_item(
+        TableName=TABLE,
+        Key=job_key(JOB),
+        UpdateExpression="REMOVE #spec.#command",
+        ExpressionAttributeNames={"#spec": "spec", "#command": "command"},
+    )
+    argv = _agent_argv(tmp_path, "--no-imds", "--job-id", JOB, "--instance-id", INSTANCE)
+    # Then the agent refuses with a usage error naming the missing field, and runs nothing
+    assert cli.agent_main(argv) == 64
+    err = capsys.readouterr().err
+    assert f"job {JOB}" in err and "spec.command" in err
+    assert world.store.raw(JOB)["status"] == jobs.JobStatus.LAUNCHING.value
+
+
+def test_agent_without_command_or_job_id_names_what_is_missing(tmp_path: Any, capsys: Any) -> None:
+    argv = _agent_argv(tmp_path, "--no-imds", "--instance-id", INSTANCE)
+    assert cli.agent_main(argv) == 64
+    assert "--job-id" in capsys.readouterr().err

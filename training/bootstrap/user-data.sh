@@ -1,70 +1,113 @@
 #!/bin/bash
-# trainctl user data: install the agent and run the job's training command under it.
+# trainctl user data: install the agent and start it under systemd; the agent runs the job.
 #
-# The launch template is shared by every job, so nothing job-specific is baked in here:
-# the agent reads its job id from the instance's `trainctl:job-id` tag through IMDS
-# (instance metadata tags are enabled on the launch template) and the command, image and
-# attempt from the job row. Values below are substituted by infra (Fn::Sub) per stack.
+# This file IS the launch template's user data: infra (infra/constructs/instances.py) puts
+# it after the command that downloads the agent source asset and renders it with Fn::Sub.
+# Every dollar-brace placeholder below is a CloudFormation substitution, so bash variables
+# are written `$VAR` (a literal dollar-brace would need a `!` after the brace); tests fail
+# on any placeholder infra does not fill and run `bash -n` on the rendered script.
+#
+# The launch template is shared by every job, so nothing job-specific is baked in: the
+# agent reads its job id from the instance's `trainctl:job-id` tag through IMDS (metadata
+# tags are on) and the command from the job row, so `trainctl agent` gets no command here.
 set -euo pipefail
 
 TABLE="${JobsTableName}"
 BUCKET="${CheckpointBucketName}"
+LOG_GROUP="${AgentLogGroupName}"    # the agent ships its own and the training output here
 REGION="${AWS::Region}"
-PACKAGE="${AgentPackage}"          # e.g. trainctl==0.1.0, or an S3 URL of the wheel
-IMAGE="${TrainingImage}"           # optional: run the job in this container image
-LOG_GROUP="${AgentLogGroupName}"   # the agent ships its and the training output here
+ARCHIVE="${AgentArchive}"           # the agent source asset, downloaded just before this
+AGENT_HOME="${AgentHome}"
+AGENT_BIN="${AgentBin}"             # what the SSM checkpoint document runs
+KEY_ATTR="${JobsPartitionKey}"      # job rows are {KEY_ATTR: KEY_PREFIX<job id>}
+KEY_PREFIX="${JobKeyPrefix}"
+PACKAGE="$AGENT_HOME/src"           # the unpacked source, installed with pip
+STAGING=/var/lib/trainctl/staging
+ENV_FILE=/etc/trainctl/agent.env
+UNIT_FILE=/etc/systemd/system/trainctl-agent.service
 
-install -d -m 0750 /run/trainctl /var/lib/trainctl/staging
+install -d -m 0750 /run/trainctl /var/lib/trainctl "$STAGING"
+install -d -m 0755 /etc/trainctl
 
+# The project needs Python >= 3.11; Amazon Linux 2023's python3 is 3.9.
+command -v python3.11 >/dev/null || dnf install -y -q python3.11
+
+# The agent on the host in both modes: `trainctl checkpoint-now` (the SSM document) runs
+# here and reaches the agent, in a container or not, over /run/trainctl/agent.sock.
+rm -rf "$PACKAGE" && mkdir -p "$PACKAGE"
+python3.11 -m zipfile -e "$ARCHIVE" "$PACKAGE"
+python3.11 -m venv "$AGENT_HOME/venv"
+"$AGENT_HOME/venv/bin/pip" install --quiet --upgrade pip
+"$AGENT_HOME/venv/bin/pip" install --quiet "$PACKAGE"
+ln -sf "$AGENT_HOME/venv/bin/trainctl" "$AGENT_BIN"
+
+# One environment for the agent, on the host (EnvironmentFile) or in a container (--env-file).
+cat > "$ENV_FILE" <<ENV
+TRAINCTL_JOBS_TABLE=$TABLE
+TRAINCTL_CHECKPOINT_BUCKET=$BUCKET
+TRAINCTL_AGENT_LOG_GROUP=$LOG_GROUP
+TRAINCTL_STAGING_DIR=$STAGING
+AWS_REGION=$REGION
+AWS_DEFAULT_REGION=$REGION
+ENV
+
+# Container mode when the job names an image (`image:` in the job spec, e.g. from
+# `trainctl build/push`). Only the image is read here; the command stays the agent's to
+# resolve from the same row.
+TOKEN="$(curl -sf -X PUT http://169.254.169.254/latest/api/token \
+           -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')"
+JOB_ID="$(curl -sf -H "X-aws-ec2-metadata-token: $TOKEN" \
+           http://169.254.169.254/latest/meta-data/tags/instance/trainctl:job-id)"
+KEY="$(printf '{"%s":{"S":"%s%s"}}' "$KEY_ATTR" "$KEY_PREFIX" "$JOB_ID")"
+IMAGE="$(aws dynamodb get-item --region "$REGION" --table-name "$TABLE" --key "$KEY" \
+           --consistent-read --projection-expression spec.image \
+           --query 'Item.spec.M.image.S' --output text)"
+if [ "$IMAGE" = "None" ]; then IMAGE=""; fi
+
+STOP_POST=""
 if [ -n "$IMAGE" ]; then
-  # Container mode: the image's entrypoint is the agent (training/Dockerfile).
-  # A container cannot power off its host: the agent inside records the outcome and
-  # this script shuts the instance down after a success.
-  if docker run --rm --network host --name trainctl-job \
-      -v /run/trainctl:/run/trainctl -v /var/lib/trainctl:/var/lib/trainctl \
-      -e TRAINCTL_JOBS_TABLE="$TABLE" -e TRAINCTL_CHECKPOINT_BUCKET="$BUCKET" -e AWS_REGION="$REGION" \
-      -e TRAINCTL_AGENT_LOG_GROUP="$LOG_GROUP" \
-      "$IMAGE"; then
-    shutdown -h now
-  fi
-  exit 0
+  command -v docker >/dev/null || dnf install -y -q docker
+  systemctl start docker
+  case "$IMAGE" in
+    *.dkr.ecr.*)
+      aws ecr get-login-password --region "$REGION" \
+        | docker login --username AWS --password-stdin "$(echo "$IMAGE" | cut -d/ -f1)" ;;
+  esac
+  docker pull --quiet "$IMAGE"
+  # The image's entrypoint is the agent (training/Dockerfile); arguments replace its
+  # default CMD, so it too runs the row's command. Host network: IMDS (hop limit 2), AWS.
+  EXEC="/usr/bin/docker run --rm --name trainctl-job --network host --stop-timeout 110"
+  EXEC="$EXEC --env-file $ENV_FILE -v /run/trainctl:/run/trainctl -v /var/lib/trainctl:/var/lib/trainctl"
+  EXEC="$EXEC $IMAGE --staging-dir $STAGING"
+  # A container cannot power off its host: after a success the host does (systemd sets
+  # SERVICE_RESULT for ExecStopPost).
+  cat > /usr/local/bin/trainctl-after-job <<'SH'
+#!/bin/sh
+[ "$SERVICE_RESULT" = success ] && exec shutdown -h now
+exit 0
+SH
+  chmod 0755 /usr/local/bin/trainctl-after-job
+  STOP_POST="ExecStopPost=/usr/local/bin/trainctl-after-job"
+else
+  EXEC="$AGENT_BIN agent"
 fi
 
-python3 -m venv /opt/trainctl
-/opt/trainctl/bin/pip install --quiet "$PACKAGE"
-
-# The job's command comes from the row; `trainctl agent` without a command after `--`
-# would refuse, so resolve it first (single source of truth: the job spec).
-JOB_ID="$(TOKEN=$(curl -sf -X PUT http://169.254.169.254/latest/api/token \
-            -H 'X-aws-ec2-metadata-token-ttl-seconds: 300') && \
-          curl -sf -H "X-aws-ec2-metadata-token: $TOKEN" \
-            http://169.254.169.254/latest/meta-data/tags/instance/trainctl:job-id)"
-COMMAND="$(/opt/trainctl/bin/python - "$JOB_ID" "$TABLE" "$REGION" <<'PY'
-import shlex, sys
-import boto3
-from trainctl_core.store import JobStore
-job = JobStore(boto3.client("dynamodb", region_name=sys.argv[3]), sys.argv[2]).get(sys.argv[1])
-print(shlex.join(job.spec.command))
-PY
-)"
-
-cat > /etc/systemd/system/trainctl-agent.service <<UNIT
+cat > "$UNIT_FILE" <<UNIT
 [Unit]
-Description=trainctl agent (job $JOB_ID)
-After=network-online.target
+Description=trainctl agent (job $JOB_ID: checkpoints, heartbeats, interruption signals)
+After=network-online.target docker.service
 Wants=network-online.target
 
 [Service]
-Environment=TRAINCTL_JOB_ID=$JOB_ID
-Environment=TRAINCTL_JOBS_TABLE=$TABLE
-Environment=TRAINCTL_CHECKPOINT_BUCKET=$BUCKET
-Environment=TRAINCTL_AGENT_LOG_GROUP=$LOG_GROUP
-Environment=TRAINCTL_STAGING_DIR=/var/lib/trainctl/staging
-Environment=AWS_REGION=$REGION
+EnvironmentFile=$ENV_FILE
 WorkingDirectory=/var/lib/trainctl
-ExecStart=/opt/trainctl/bin/trainctl agent -- $COMMAND
-# Exit codes are outcomes already recorded on the job row: never restart into a loop.
+ExecStart=$EXEC
+$STOP_POST
+# Exit codes are outcomes the agent already recorded on the job row: never restart into
+# a loop on a user bug.
 Restart=no
+# SIGTERM to the agent only (it checkpoints and stops its child), SIGKILL to all after
+# the timeout, just under the 2-minute Spot notice.
 KillMode=mixed
 TimeoutStopSec=110
 
@@ -73,4 +116,4 @@ WantedBy=multi-user.target
 UNIT
 
 systemctl daemon-reload
-systemctl start trainctl-agent.service
+systemctl enable --now trainctl-agent.service

@@ -11,6 +11,8 @@ from __future__ import annotations
 import typer
 
 from trainctl.agent.cli import agent_main, checkpoint_now_main
+from trainctl.commands import register as register_commands
+from trainctl.rehearse.command import register as register_rehearse
 
 app = typer.Typer(
     name="trainctl",
@@ -25,7 +27,7 @@ _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 
 @app.command(context_settings=_PASSTHROUGH, add_help_option=False)
 def agent(ctx: typer.Context) -> None:
-    """Run a training command under the trainctl agent (on the instance): `trainctl agent -- CMD`."""
+    """Run the job under the trainctl agent (on the instance): `trainctl agent [-- CMD]`; the command defaults to the job row's."""
     raise typer.Exit(agent_main(ctx.args))
 
 
@@ -33,6 +35,10 @@ def agent(ctx: typer.Context) -> None:
 def checkpoint_now(ctx: typer.Context) -> None:
     """Ask the local agent for a durable checkpoint now (what the SSM document runs)."""
     raise typer.Exit(checkpoint_now_main(ctx.args))
+
+
+register_commands(app)
+register_rehearse(app)
 
 
 def main() -> None:

@@ -13,8 +13,12 @@ import shlex
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from trainctl import runtime_env as env
+
+if TYPE_CHECKING:
+    from trainctl_core.store import JobStore
 
 logger = logging.getLogger("trainctl.agent")
 
@@ -52,7 +56,9 @@ def _agent_parser() -> argparse.ArgumentParser:
         default="shutdown -h now",
         help="run after the job succeeds ('' to keep the machine up, e.g. locally)",
     )
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER, help="-- the training command (default: the job row's)"
+    )
     return parser
 
 
@@ -61,17 +67,44 @@ def _int_env(name: str) -> int | None:
     return int(value) if value else None
 
 
+class CommandUnresolved(Exception):
+    """No command after `--` and none to be had from the job row."""
+
+
+def _command_from_row(store: JobStore, job_id: str, table: str) -> list[str]:
+    """The job spec's command: what the instance bootstrap relies on (it passes none), so
+    the row stays the one source of truth for what a job runs."""
+    from botocore.exceptions import ClientError
+    from pydantic import ValidationError
+
+    from trainctl_core.store import JobNotFound
+
+    try:
+        job = store.get(job_id)
+    except JobNotFound as exc:
+        raise CommandUnresolved(
+            f"job {job_id} not found in table {table}, so there is no command to run "
+            "(give one after --, or check --job-id / --table)"
+        ) from exc
+    except ValidationError as exc:
+        fields = ", ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise CommandUnresolved(
+            f"job {job_id} in table {table} has no usable spec ({fields}), so no command to run"
+        ) from exc
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "error")
+        raise CommandUnresolved(f"cannot read job {job_id} from table {table} ({code})") from exc
+    return list(job.spec.command)
+
+
 def agent_main(argv: Sequence[str] | None = None) -> int:
-    """`trainctl agent [flags] -- python train.py ...`; returns the process exit code."""
+    """`trainctl agent [flags] [-- python train.py ...]`; returns the process exit code.
+
+    Without a command after `--` the agent runs the job row's `spec.command`.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = _agent_parser().parse_args(list(argv) if argv is not None else None)
     command = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] else list(args.command)
-    if not command:
-        print(
-            "trainctl agent: no training command given (use: trainctl agent -- python train.py)",
-            file=sys.stderr,
-        )
-        return 64
 
     from trainctl.agent.imds import ImdsClient, ImdsUnavailable
     from trainctl.agent.supervisor import Agent, AgentConfig
@@ -101,6 +134,14 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
             f"trainctl agent: missing {', '.join(missing)} (flags or TRAINCTL_* variables)", file=sys.stderr
         )
         return 64
+    store = JobStore(clients.client("dynamodb", args.region), args.table)
+    if not command:
+        try:
+            command = _command_from_row(store, job_id, args.table)
+        except CommandUnresolved as exc:
+            print(f"trainctl agent: {exc}", file=sys.stderr)
+            return 64
+        logger.info("command from the job row: %s", shlex.join(command))
     child_env = {}
     if args.bucket:
         child_env[env.CHECKPOINT_BUCKET] = args.bucket
@@ -134,7 +175,7 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
     try:
         agent = Agent(
             config,
-            JobStore(clients.client("dynamodb", args.region), args.table),
+            store,
             handshake=Handshake(clients.client("stepfunctions", args.region)),
             imds=imds,
             logs=shipper,
