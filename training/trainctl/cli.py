@@ -27,7 +27,7 @@ _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 
 @app.command(context_settings=_PASSTHROUGH, add_help_option=False)
 def agent(ctx: typer.Context) -> None:
-    """Run the job under the trainctl agent (on the instance): `trainctl agent [-- CMD]`; the command defaults to the job row's."""
+    """Run the job under the agent (on the instance); the command defaults to the job row's."""
     raise typer.Exit(agent_main(ctx.args))
 
 
