@@ -102,7 +102,10 @@ def test_s3_round_trip_files_then_manifest(tmp_path: Any, s3: Any) -> None:
 @pytest.mark.parametrize(
     "fault", ["bad-hash", "missing-manifest", "truncated", "missing-file", "garbage-manifest"]
 )
-def test_corrupt_newest_is_skipped_with_its_name(tmp_path: Any, caplog: Any, fault: str) -> None:
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-pass"])
+def test_corrupt_newest_is_skipped_with_its_name(
+    tmp_path: Any, caplog: Any, fault: str, one_pass: bool
+) -> None:
     with _local(tmp_path) as ckpt:
         for step in (1, 2):
             ckpt.save(_state(step), step)
@@ -123,7 +126,8 @@ def test_corrupt_newest_is_skipped_with_its_name(tmp_path: Any, caplog: Any, fau
         (newest / "manifest.json").write_text("{not json")
     caplog.set_level(logging.WARNING, logger="trainctl")
     with _local(tmp_path) as again:
-        _assert_same(again.restore(), _state(1))
+        # one pass: hashed while read into the host buffer; two: hashed, then read
+        _assert_same(again.restore(reserve=one_pass), _state(1))
     assert any("000000000002" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
 
 
@@ -168,19 +172,45 @@ def test_save_now_under_load_returns_only_when_durable(tmp_path: Any) -> None:
     assert storage.inner.read_manifest(1) is None
 
 
-def test_periodic_save_does_not_stall_on_a_busy_buffer(tmp_path: Any) -> None:
-    storage = SlowFlakyStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"), delay=0.5)
+class GatedStorage(SlowFlakyStorage):
+    """put_files of the first checkpoint blocks until `release` is set (a stuck upload)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.release = threading.Event()
+
+    def put_files(self, step: int, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]) -> None:
+        if not self.put_calls:
+            self.put_calls.append(step)
+            self.release.wait(30)
+            self.inner.put_files(step, files, cancelled)
+            return
+        super().put_files(step, files, cancelled)
+
+
+def test_periodic_saves_do_not_wait_for_a_slow_upload(tmp_path: Any) -> None:
+    storage = GatedStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"))
     with Checkpointer(storage, job_id="job-1", staging_dir=str(tmp_path / "st")) as ckpt:
+        # Given the upload of step 1 stuck
         for step in range(1, 6):
-            started = time.monotonic()
-            ckpt.save(_state(step), step)
-            assert time.monotonic() - started < 0.4
-            time.sleep(0.1)  # the local write finishes; the (slow) upload does not
+            assert ckpt.save(_state(step), step) is None  # returns after the snapshot
+            _wait_written(ckpt)
+        # Then every save returned while nothing was durable yet (none waited for it)...
+        assert ckpt.last_durable is None and storage.put_calls == [1]
+        storage.release.set()
         ckpt.flush()
-        # Only the newest queued periodic checkpoint matters: 2-4 were superseded while
-        # 1 was uploading, 5 became durable.
+        # ...and of the ones queued meanwhile only the newest was uploaded (2-4 superseded)
         assert ckpt.last_durable is not None and ckpt.last_durable.step == 5
         assert storage.put_calls == [1, 5]
+        assert ckpt.skipped_saves == 0
+
+
+def _wait_written(ckpt: Checkpointer) -> None:
+    """Until the writer released the host buffer (the local write is done)."""
+    deadline = time.monotonic() + 30
+    while ckpt._buffer_busy or ckpt._write_queue:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_back_to_back_periodic_saves_skip_instead_of_stalling(tmp_path: Any) -> None:
@@ -196,13 +226,13 @@ def test_back_to_back_periodic_saves_skip_instead_of_stalling(tmp_path: Any) -> 
 def test_unreachable_storage_retries_while_training_continues(tmp_path: Any) -> None:
     storage = SlowFlakyStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"), failures=2)
     with Checkpointer(
-        storage, job_id="job-1", staging_dir=str(tmp_path / "st"), retry_initial_seconds=0.05
+        storage, job_id="job-1", staging_dir=str(tmp_path / "st"), retry_initial_seconds=1.0
     ) as ckpt:
-        started = time.monotonic()
-        ckpt.save(_state(7), 7)
-        assert time.monotonic() - started < 0.5  # training is not held up
+        # Two failures mean >= 3 s of back-off before the upload can land: a save that
+        # returns with nothing durable did not wait for the retries (training goes on).
+        assert ckpt.save(_state(7), 7) is None
         assert ckpt.last_durable is None  # nothing durable yet...
-        ckpt.flush(timeout=10)
+        ckpt.flush(timeout=30)
         assert ckpt.last_durable is not None and ckpt.last_durable.step == 7  # ...then it is
     assert storage.put_calls == [7, 7, 7]
 
@@ -248,3 +278,132 @@ def test_signal_requests_an_urgent_save(tmp_path: Any) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     signal.signal(signal.SIGUSR2, signal.SIG_DFL)
     _ = threading  # the handlers only set flags; no thread is involved
+
+
+@pytest.mark.parametrize("reserve", [True, False])
+def test_restore_into_live_tensors_reuses_their_memory(tmp_path: Any, reserve: bool) -> None:
+    with _local(tmp_path) as ckpt:
+        ckpt.save_now(_state(4), 4)
+    # Given live tensors of the same structure holding other values (a fresh model)
+    live = _state(99)
+    pointers = [live["weights"].data_ptr(), live["half"].data_ptr(), live["array"].ctypes.data]
+    with _local_again(tmp_path) as again:
+        restored = again.restore(into=live, reserve=reserve)
+    # Then the checkpoint's values are in the very same buffers: no second copy
+    _assert_same(restored, _state(4))
+    assert restored["weights"] is live["weights"] and restored["array"] is live["array"]
+    assert [live["weights"].data_ptr(), live["half"].data_ptr(), live["array"].ctypes.data] == pointers
+
+
+def _local_again(tmp_path: Any) -> Checkpointer:
+    storage = ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1")
+    return Checkpointer(storage, job_id="job-1", staging_dir=str(tmp_path / "staging-restore"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.update(weights=torch.zeros(10)), r"tensor #0: checkpoint has torch float32\[50000\]"),
+        (lambda s: s.update(half=s["half"].float()), r"tensor #1: .* live state has torch float32"),
+        (lambda s: s.update(extra=torch.zeros(1)), "checkpoint holds 4 tensors/arrays, the live state 5"),
+    ],
+)
+def test_restore_into_a_mismatched_state_names_the_difference(
+    tmp_path: Any, change: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    from trainctl.snapshot import SnapshotMismatch
+
+    with _local(tmp_path) as ckpt:
+        ckpt.save_now(_state(4), 4)
+    live = _state(99)
+    change(live)
+    with _local_again(tmp_path) as again, pytest.raises(SnapshotMismatch, match=message):
+        again.restore(into=live)
+
+
+def test_reserve_prepares_the_buffer_so_the_first_save_does_not_allocate(tmp_path: Any) -> None:
+    state = _state(1, size=3_000_000)
+    with _local(tmp_path) as ckpt:
+        # Given the buffer reserved in the background (as restore does)
+        ckpt.reserve(state)
+        ckpt.flush()  # waits for the reservation like for a snapshot being written
+        buffer = ckpt._snapshotter.buffer
+        reserved = (buffer.size, buffer.array.ctypes.data)
+        assert reserved[0] >= ck_measure(state)
+        # When the first save happens, it copies into that very buffer
+        ckpt.save(state, 1)
+        ckpt.flush()
+        assert (buffer.size, buffer.array.ctypes.data) == reserved
+        assert ckpt.last_durable is not None and ckpt.last_durable.step == 1
+    with _local_again(tmp_path) as again:
+        _assert_same(again.restore(), state)
+        again.flush()
+        # And a restore reserves for the restored size on its own
+        assert again._snapshotter.buffer.size >= ck_measure(state)
+
+
+def ck_measure(state: Any) -> int:
+    from trainctl.snapshot import Snapshotter
+
+    return Snapshotter.measure(state)
+
+
+def test_an_older_periodic_checkpoint_is_never_published_after_an_urgent_one(tmp_path: Any) -> None:
+    storage = SlowFlakyStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"), delay=1.0)
+    durable: list[int] = []
+    with Checkpointer(storage, job_id="job-1", staging_dir=str(tmp_path / "st")) as ckpt:
+        original = ckpt._after_durable
+
+        def record(job: Any, outcome: Any) -> None:
+            durable.append(outcome.step)
+            original(job, outcome)
+
+        ckpt._after_durable = record  # type: ignore[method-assign]
+        # Given step 1 uploading slowly and step 2 staged, waiting for the link
+        ckpt.save(_state(1), 1)
+        time.sleep(0.2)
+        ckpt.save(_state(2), 2)
+        time.sleep(0.2)
+        # When the notice's urgent checkpoint 3 becomes durable
+        assert ckpt.save_now(_state(3), 3).step == 3
+        ckpt.flush()
+    # Then nothing older follows it (the agent would see a checkpoint going backwards)
+    assert durable == [3]
+    assert storage.inner.read_manifest(2) is None and storage.inner.read_manifest(1) is None
+
+
+def test_a_failed_urgent_save_does_not_block_later_checkpoints(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainctl.checkpoint as module
+
+    real = module.write_snapshot
+    calls = {"n": 0}
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "write_snapshot", failing_once)
+    with _local(tmp_path) as ckpt:
+        # Given an urgent checkpoint whose staging failed (disk full)
+        with pytest.raises(CheckpointFailed, match="No space left"):
+            ckpt.save_now(_state(1), 1, timeout=30)
+        # Then the next checkpoints still become durable
+        ckpt.save(_state(2), 2)
+        assert ckpt.flush(timeout=30) is not None
+        assert ckpt.last_durable is not None and ckpt.last_durable.step == 2
+
+
+def test_staging_clean_up_never_removes_a_newer_checkpoint_still_on_its_way(tmp_path: Any) -> None:
+    with _local(tmp_path) as ckpt:
+        staging = tmp_path / "staging"
+        for step in (3, 5, 7):  # 7: just renamed into place by the writer, not queued yet
+            (staging / f"{step:012d}").mkdir()
+            (staging / f"{step:012d}" / "state.bin").write_bytes(b"x")
+        # When step 5 becomes durable and staging is cleaned
+        ckpt._clean_staging(keep=str(staging / f"{5:012d}"), below_step=5)
+        # Then only the older one is gone
+        assert sorted(p.name for p in staging.iterdir() if p.name.isdigit()) == [f"{5:012d}", f"{7:012d}"]

@@ -41,6 +41,26 @@ def _example(name: str, *args: str) -> list[str]:
     return [sys.executable, os.path.join(EXAMPLES, name), *args]
 
 
+def _run_example(command: list[str], env: dict[str, str], timeout: float = 180) -> str:
+    """Run an example to completion; its stdout. A hang fails within `timeout` with every
+    thread's stack (faulthandler on SIGABRT) instead of blocking the suite."""
+    process = subprocess.Popen(
+        command,
+        env={**env, "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        out, err = process.communicate()
+        raise AssertionError(f"{command[1]} hung for {timeout:.0f} s; stacks:\n{err[-6000:]}") from None
+    assert process.returncode == 0, f"{command[1]} exited {process.returncode}:\n{err[-3000:]}"
+    return out
+
+
 def _kill_after_first_checkpoint(
     command: list[str], env: dict[str, str], ckpt_dir: Any, extra_delay: float = 0.0
 ) -> None:
@@ -56,53 +76,69 @@ def _kill_after_first_checkpoint(
     process.wait()
 
 
-def test_kill_9_at_random_points_always_restores_a_verified_checkpoint(tmp_path: Any) -> None:
+def kill_9_cycles(
+    tmp_path: Any, seed: int, cycles: int, restore_storage: Any, child_args: list[str] | None = None
+) -> None:
+    """Start saver_child, SIGKILL it at a random moment mid-save, restore; `cycles` times.
+
+    Each restore must verify, carry the content of the step it names, and be at least as
+    new as the last step the child reported durable (no durable checkpoint is lost).
+    """
     root, staging = tmp_path / "store", tmp_path / "staging"
-    rng = random.Random(1234)
+    rng = random.Random(seed)
     step = 0
-    for _ in range(6):
+    for cycle in range(cycles):
         process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "saver_child.py"), str(root), str(staging), str(step)],
+            [
+                sys.executable,
+                os.path.join(HERE, "saver_child.py"),
+                str(root),
+                str(staging),
+                str(step),
+                *(child_args or []),
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
         assert process.stdout is not None
-        process.stdout.readline()  # at least one durable checkpoint exists
-        time.sleep(rng.uniform(0.0, 0.3))
+        first = process.stdout.readline()
+        assert first, "the saver child died before its first checkpoint"
+        # Saves run back to back, so any moment is inside one (snapshot, write, upload or
+        # manifest); the spread covers several saves.
+        time.sleep(rng.uniform(0.0, 0.4))
         process.kill()
         process.wait()
-        with Checkpointer(
-            ck.LocalCheckpointStorage(str(root), "kill"), job_id="kill", staging_dir=str(tmp_path / "r")
-        ) as ckpt:
+        reported = [int(first), *(int(line) for line in process.stdout.read().split())]
+        process.stdout.close()
+        with Checkpointer(restore_storage(), job_id="kill", staging_dir=str(tmp_path / f"r{cycle}")) as ckpt:
             state = ckpt.restore()
             assert state is not None, ckpt.fresh_reason
             assert ckpt.restored_step == state["step"]
-            assert np.array_equal(state["data"], np.full(1_000_000, state["step"], dtype=np.float32))
+            assert np.array_equal(state["data"], np.full(len(state["data"]), state["step"], dtype=np.float32))
+            assert state["step"] >= max(reported), "a durable checkpoint was lost"
             step = state["step"]
-    assert step > 6
+    assert step >= cycles  # every cycle restored something newer than the last
+
+
+@pytest.mark.parametrize("seed", [1234, 7, 2026])
+def test_kill_9_at_random_points_always_restores_a_verified_checkpoint(tmp_path: Any, seed: int) -> None:
+    kill_9_cycles(tmp_path, seed, 5, lambda: ck.LocalCheckpointStorage(str(tmp_path / "store"), "kill"))
 
 
 def test_train_resumed_after_kill_is_bit_identical(tmp_path: Any) -> None:
     args = ["--steps", "240", "--checkpoint-every", "40"]
     reference = tmp_path / "reference.bin"
-    subprocess.run(
-        _example("train.py", *args, "--step-seconds", "0", "--output", str(reference)),
-        env=_env(tmp_path / "a"),
-        check=True,
-        capture_output=True,
+    _run_example(
+        _example("train.py", *args, "--step-seconds", "0", "--output", str(reference)), _env(tmp_path / "a")
     )
     resumed = tmp_path / "resumed.bin"
     command = _example("train.py", *args, "--step-seconds", "0.01", "--output", str(resumed))
     _kill_after_first_checkpoint(command, _env(tmp_path / "b"), tmp_path / "b", extra_delay=0.3)
     assert not resumed.exists()
-    out = subprocess.run(
-        _example("train.py", *args, "--step-seconds", "0", "--output", str(resumed)),
-        env=_env(tmp_path / "b"),
-        check=True,
-        capture_output=True,
-        text=True,
+    out = _run_example(
+        _example("train.py", *args, "--step-seconds", "0", "--output", str(resumed)), _env(tmp_path / "b")
     )
-    assert "resumed at step" in out.stdout
+    assert "resumed at step" in out
     assert resumed.read_bytes() == reference.read_bytes()
 
 
@@ -114,18 +150,15 @@ def test_data_processing_resumes_at_the_next_shard_without_redoing_any(tmp_path:
     _kill_after_first_checkpoint(command, _env(tmp_path / "ck"), tmp_path / "ck", extra_delay=0.2)
     done_before = len(list(out.glob("shard-*.json")))
     assert 0 < done_before < 30
-    result = subprocess.run(command, env=_env(tmp_path / "ck"), check=True, capture_output=True, text=True)
-    assert "starting at shard" in result.stdout
+    assert "starting at shard" in _run_example(command, _env(tmp_path / "ck"))
     commits = [int(line) for line in (out / "commits.log").read_text().split()]
     assert sorted(commits) == list(range(30))  # every shard exactly once
     reference = tmp_path / "ref"
-    subprocess.run(
+    _run_example(
         _example(
             "data_processing.py", "--shards", "30", "--shard-seconds", "0", "--output-dir", str(reference)
         ),
-        env=_env(tmp_path / "ck2"),
-        check=True,
-        capture_output=True,
+        _env(tmp_path / "ck2"),
     )
     for shard in range(30):
         name = f"shard-{shard:05d}.json"
@@ -134,18 +167,15 @@ def test_data_processing_resumes_at_the_next_shard_without_redoing_any(tmp_path:
 
 def test_model_evaluation_resumes_mid_dataset_with_the_same_metrics(tmp_path: Any) -> None:
     reference = tmp_path / "ref.json"
-    subprocess.run(
+    _run_example(
         _example("model_evaluation.py", "--batch-seconds", "0", "--output", str(reference)),
-        env=_env(tmp_path / "a"),
-        check=True,
-        capture_output=True,
+        _env(tmp_path / "a"),
     )
     metrics = tmp_path / "metrics.json"
     command = _example("model_evaluation.py", "--batch-seconds", "0.02", "--output", str(metrics))
     _kill_after_first_checkpoint(command, _env(tmp_path / "b"), tmp_path / "b", extra_delay=0.1)
     assert not metrics.exists()
-    result = subprocess.run(command, env=_env(tmp_path / "b"), check=True, capture_output=True, text=True)
-    assert "evaluating from batch 0 " not in result.stdout
+    assert "evaluating from batch 0 " not in _run_example(command, _env(tmp_path / "b"))
     assert json.loads(metrics.read_text()) == json.loads(reference.read_text())
 
 

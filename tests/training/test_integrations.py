@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import pytest
@@ -114,17 +115,34 @@ def test_hf_trainer_checkpoints_on_signal_and_resumes(tmp_path: Any) -> None:
             model=Tiny(), args=args, train_dataset=data, callbacks=[TrainctlCallback(ckpt), *extra]
         )
 
+    class Observe(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.start_weights: torch.Tensor | None = None
+            self.steps = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            self.start_weights = model.linear.weight.detach().clone()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.steps += 1
+
     with _ckpt(tmp_path) as ckpt:
         first = trainer(ckpt, RequestAtStep(ckpt))
         first.train()
         assert first.state.global_step == 4 and ckpt.should_stop()
         assert ckpt.last_durable is not None and ckpt.last_durable.step == 4
+        stopped_weights = first.model.linear.weight.detach().clone()
+    shutil.rmtree(tmp_path / "out")  # the replacement instance has only what the checkpoint holds
     with _ckpt(tmp_path, "staging2") as ckpt:
         folder = resume_from_checkpoint(ckpt)
         assert folder is not None and os.path.exists(os.path.join(folder, "trainer_state.json"))
-        second = trainer(ckpt)
+        observe = Observe()
+        second = trainer(ckpt, observe)
         second.train(resume_from_checkpoint=folder)
         assert second.state.global_step == 8
+    # The resumed run started from the checkpointed weights and ran only the remaining steps
+    assert observe.start_weights is not None and torch.equal(observe.start_weights, stopped_weights)
+    assert observe.steps == 4
 
 
 def test_lightning_callback_checkpoints_on_signal_and_resumes(tmp_path: Any) -> None:
@@ -171,11 +189,21 @@ def test_lightning_callback_checkpoints_on_signal_and_resumes(tmp_path: Any) -> 
         trainer.fit(module, torch.utils.data.DataLoader(dataset, batch_size=8), ckpt_path=ckpt_path)
         return trainer, module
 
+    class Observe(Callback):  # type: ignore[misc]
+        start_weights: torch.Tensor | None = None
+
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            self.start_weights = module.linear.weight.detach().clone()
+
     with _ckpt(tmp_path) as ckpt:
         trainer, module = fit(ckpt, RequestAtStep(ckpt))
         assert trainer.global_step == 4 and ckpt.should_stop()
+        stopped_weights = module.linear.weight.detach().clone()
+    shutil.rmtree(tmp_path / "pl", ignore_errors=True)  # only the checkpoint survives the instance
     with _ckpt(tmp_path, "staging2") as ckpt:
         path = resume_ckpt_path(ckpt)
         assert path is not None
-        trainer, module = fit(ckpt, ckpt_path=path)
+        observe = Observe()
+        trainer, module = fit(ckpt, observe, ckpt_path=path)
         assert trainer.global_step == 10 and module.seen == 6  # only the remaining steps ran
+    assert observe.start_weights is not None and torch.equal(observe.start_weights, stopped_weights)

@@ -31,7 +31,16 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from trainctl import runtime_env as env
-from trainctl.snapshot import SKELETON_FILE, Snapshot, Snapshotter, load_snapshot, write_snapshot
+from trainctl.snapshot import (
+    DATA_FILE,
+    SKELETON_FILE,
+    Snapshot,
+    Snapshotter,
+    load_snapshot,
+    load_snapshot_from_buffer,
+    read_into_buffer,
+    write_snapshot,
+)
 from trainctl_core import checkpoints as layout
 from trainctl_core.checkpoints import (
     CheckpointStorage,
@@ -169,6 +178,7 @@ class Checkpointer:
         self.restored: Restored | None = None
         self.fresh_reason: str | None = None
         self.skipped_saves = 0
+        self._buffer_step: int | None = None  # the checkpoint whose data restore read into the buffer
         os.makedirs(staging_dir, exist_ok=True)
         self._writer = threading.Thread(target=self._write_loop, name="trainctl-ckpt-writer", daemon=True)
         self._uploader = threading.Thread(
@@ -299,11 +309,41 @@ class Checkpointer:
         with self._cv:
             if state is not None and self._buffer_busy:
                 self.skipped_saves += 1
-                logger.info("checkpoint skipped: previous snapshot still being written (step %s)", step)
+                logger.info(
+                    "checkpoint skipped: host buffer busy (previous snapshot still being written "
+                    "or buffer being reserved) (step %s)",
+                    step,
+                )
                 return None
             self._last_save_at = self._clock()
             self._snapshot_locked(state, step, extra, directory, urgent=False)
         return None
+
+    def reserve(self, state: Any) -> None:
+        """Allocate and pre-fault the host buffer for `state` (a state tree, or a byte
+        count) on a background thread, so that the first `save` does not pay for first
+        touch of fresh pages on the training thread (seconds for a multi-GB state here).
+
+        `restore` calls it with the restored checkpoint's size. Meanwhile a periodic save
+        is skipped and an urgent one waits, as while a snapshot is being written.
+        """
+        needed = state if isinstance(state, int) else Snapshotter.measure(state)
+        with self._cv:
+            if self._buffer_busy or needed <= self._snapshotter.buffer.size:
+                return
+            self._buffer_busy = True
+
+        def allocate() -> None:
+            try:
+                self._snapshotter.buffer.ensure(needed)
+            except Exception:
+                logger.exception("could not reserve a %d-byte checkpoint buffer", needed)
+            finally:
+                with self._cv:
+                    self._buffer_busy = False
+                    self._cv.notify_all()
+
+        threading.Thread(target=allocate, name="trainctl-ckpt-reserve", daemon=True).start()
 
     def save_now(
         self,
@@ -418,6 +458,10 @@ class Checkpointer:
                 logger.exception("checkpoint at step %s could not be staged", job.step)
                 job.error = exc
                 job.done.set()
+                with self._cv:
+                    if self._upload_urgent is job:
+                        # Never staged, so never uploadable: do not hold the link for it.
+                        self._upload_urgent = None
             finally:
                 with self._cv:
                     if job.snapshot is not None:
@@ -534,6 +578,12 @@ class Checkpointer:
                     self._upload_pending = None
                 if outcome is None and not job.urgent:
                     self._drop(job, "cancelled for an urgent checkpoint")
+                pending = self._upload_pending
+                if outcome is not None and pending is not None and pending.step <= outcome.step:
+                    # Published after this one it would be an older checkpoint arriving
+                    # late (the job row refuses those): it is superseded.
+                    self._drop(pending, f"older than the durable checkpoint at step {outcome.step}")
+                    self._upload_pending = None
                 self._cv.notify_all()
             if outcome is not None:
                 self._after_durable(job, outcome)
@@ -592,7 +642,7 @@ class Checkpointer:
         job.done.set()
         try:
             self._apply_retention()
-            self._clean_staging(keep=job.staged)
+            self._clean_staging(keep=job.staged, below_step=job.step)
         except Exception:
             logger.exception("checkpoint retention failed")
 
@@ -619,40 +669,75 @@ class Checkpointer:
             return False
         return True
 
-    def _clean_staging(self, keep: str | None) -> None:
+    def _clean_staging(self, keep: str | None, below_step: int) -> None:
+        """Remove staged checkpoints older than the one just made durable.
+
+        Only older ones: a newer one may have just been renamed into place by the writer
+        and not be queued for upload yet (deleting it made its upload fail forever).
+        """
         with self._cv:
             busy = {j.staged for j in (self._upload_pending, self._upload_urgent) if j is not None}
         for name in os.listdir(self.staging_dir):
             path = os.path.join(self.staging_dir, name)
-            if path == keep or path in busy or ".tmp-" in name or name.startswith("restore"):
+            if path == keep or path in busy or not name.isdigit() or int(name) >= below_step:
                 continue
             shutil.rmtree(path, ignore_errors=True)
 
     # --- restoring --------------------------------------------------------------------------------
 
-    def restore(self) -> Any:
+    def restore(self, into: Any = None, *, reserve: bool = True) -> Any:
         """The state of the newest checkpoint that verifies, or None (starting fresh).
 
         Checkpoints that fail verification are skipped with a log line naming them. With a
         resume step from the job row, newer checkpoints (a superseded attempt's late
-        upload) are not considered.
-        """
-        restored = self.restore_checkpoint()
-        if restored is None:
-            return None
-        if SKELETON_FILE in restored.paths:
-            return load_snapshot(restored.paths)
-        return {}
+        upload) are not considered. With `into` (the live state tree, same structure),
+        tensors are written into the live tensors in place.
 
-    def restore_checkpoint(self) -> Restored | None:
+        With `reserve` (default) the data file is verified and read in one O_DIRECT pass
+        into the host buffer the next save needs anyway, then copied into place: one disk
+        read, and no memory beyond the steady state (state + buffer). With
+        `reserve=False` no buffer is kept: the file is hashed, then read straight into the
+        tensors (two passes over the file, the second one from the page cache).
+        """
+        with self._cv:
+            buffered = reserve and not self._buffer_busy
+            if buffered:
+                self._buffer_busy = True  # no snapshot may use the buffer meanwhile
+        try:
+            restored = self.restore_checkpoint(_into_buffer=buffered)
+            if restored is None:
+                return None
+            if SKELETON_FILE not in restored.paths:
+                return {}
+            if buffered and self._buffer_step == restored.step:
+                return load_snapshot_from_buffer(
+                    restored.paths[SKELETON_FILE], self._snapshotter.buffer, into=into
+                )
+            state = load_snapshot(restored.paths, into=into)
+        finally:
+            if buffered:
+                with self._cv:
+                    self._buffer_busy = False
+                    self._cv.notify_all()
+        if reserve:
+            # The next save snapshots a state of about this size: ready the buffer off the
+            # training thread now.
+            self.reserve(os.path.getsize(restored.paths[DATA_FILE]))
+        return state
+
+    def restore_checkpoint(self, *, _into_buffer: bool = False) -> Restored | None:
         """Find, fetch and verify the newest valid checkpoint; its files stay local."""
         restore_root = os.path.join(self.staging_dir, "restore")
         shutil.rmtree(restore_root, ignore_errors=True)
         found: dict[int, tuple[Manifest, dict[str, str]]] = {}
+        self._buffer_step = None
 
         def verify(step: int) -> str | None:
-            outcome = layout.verify_checkpoint(
-                self.storage, step, job_id=self.job_id, dest_dir=os.path.join(restore_root, f"{step:012d}")
+            dest = os.path.join(restore_root, f"{step:012d}")
+            outcome = (
+                self._verify_into_buffer(step, dest)
+                if _into_buffer
+                else layout.verify_checkpoint(self.storage, step, job_id=self.job_id, dest_dir=dest)
             )
             if isinstance(outcome, str):
                 return outcome
@@ -660,6 +745,8 @@ class Checkpointer:
             if manifest.attempt > self.attempt:
                 return f"written by attempt {manifest.attempt}, newer than this attempt {self.attempt}"
             found[step] = (manifest, paths)
+            if _into_buffer and DATA_FILE in paths:
+                self._buffer_step = step
             return None
 
         def on_skip(skipped: Skipped) -> None:
@@ -679,6 +766,37 @@ class Checkpointer:
             "restoring checkpoint step %s from %s", selection.step, self.storage.describe(selection.step)
         )
         return self.restored
+
+    def _verify_into_buffer(self, step: int, dest_dir: str) -> tuple[Manifest, dict[str, str]] | str:
+        """`layout.verify_checkpoint`, except that the data file is hashed while it is read
+        into the host buffer (one pass): same checks, same reasons."""
+        raw = self.storage.read_manifest(step)
+        if raw is None:
+            return "missing manifest (incomplete or killed mid-upload)"
+        try:
+            manifest = layout.parse_manifest(raw, expect_job_id=self.job_id, expect_step=step)
+        except layout.InvalidManifest as exc:
+            return str(exc)
+        try:
+            paths = self.storage.fetch(step, manifest.files, dest_dir)
+        except (layout.FetchFailed, OSError) as exc:
+            return str(exc)
+        for entry in manifest.files:
+            if entry.path != DATA_FILE:
+                problem = layout.verify_local_file(entry, paths[entry.path])
+                if problem:
+                    return problem
+                continue
+            path = paths[entry.path]
+            if not os.path.exists(path):
+                return f"file {entry.path} is missing"
+            actual = os.path.getsize(path)
+            if actual != entry.size:
+                return f"file {entry.path} has {actual} bytes, manifest says {entry.size}"
+            _, digest = read_into_buffer(path, self._snapshotter.buffer)
+            if digest != entry.xxh3_128:
+                return f"file {entry.path} hash {digest} != manifest {entry.xxh3_128}"
+        return manifest, paths
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -1,9 +1,11 @@
 """PyTorch helpers: capture/restore model, optimizer, scheduler, RNG and data position.
 
 The Checkpointer stores tensors raw through its reused host buffer (see
-`trainctl.snapshot`); measured here that beats both `torch.save` and safetensors for the
-training-loop stall (docs/BENCHMARKS.md, "Checkpoints"), so no serialiser is used at save
-time. `save_final` writes a *deterministic* single-file artifact (sorted keys, raw bytes)
+`trainctl.snapshot`); `bench/checkpoint.py` measured that against both serialisers here:
+the training loop stalls only for one memcpy, while `torch.save` blocks for the whole
+write (and safetensors, faster than `torch.save` here, still for its whole write) —
+docs/BENCHMARKS.md, "Checkpoint stall, durability and restore". So no serialiser is used
+at save time. `save_final` writes a *deterministic* single-file artifact (sorted keys, raw bytes)
 so two runs can be compared byte for byte.
 
 Imported lazily: `import trainctl.integrations.torch` only where torch is installed.
