@@ -288,6 +288,25 @@ def test_superseded_agent_stops_its_child_and_stands_down(world: World, tmp_path
     assert world.store.get(JOB).instance_id == "i-0ccccccccccccccc3"
 
 
+def test_an_older_checkpoint_losing_the_step_race_does_not_stop_training(world: World, tmp_path: Any) -> None:
+    # Given a running job whose row already names a newer checkpoint of this same attempt
+    job = world.add_job()
+    agent = world.agent(_train(tmp_path, steps=200))
+    thread, result = _run(agent)
+    _until(lambda: agent.last_checkpoint is not None, what="a periodic checkpoint")
+    newer = jobs.CheckpointRef(
+        step=10**6, prefix="s3://b/j/ckpt/future/", attempt=job.attempt, created_at=jobs.utcnow()
+    )
+    world.store.record_checkpoint(
+        JOB, instance_id=INSTANCE, attempt=job.attempt, checkpoint=newer, final=False
+    )
+    # When its next (older) checkpoint is refused by "the step never goes back"
+    thread.join(120)
+    # Then the agent did not mistake that for being superseded: training ran to the end
+    assert result == {"rc": 0}
+    assert world.store.get(JOB).status is jobs.JobStatus.SUCCEEDED
+
+
 def test_checkpoint_now_fails_clearly_without_an_agent(tmp_path: Any, capsys: Any) -> None:
     rc = cli.checkpoint_now_main(["--job-id", JOB, "--socket", str(tmp_path / "none.sock"), "--timeout", "1"])
     assert rc == cli.EXIT_CHECKPOINT_FAILED

@@ -492,6 +492,17 @@ class Agent:
                 final=final,
             )
         except Superseded as exc:
+            current = exc.current
+            if (
+                current is not None
+                and not current.is_terminal
+                and current.attempt == self.attempt
+                and current.instance_id == self.config.instance_id
+            ):
+                # Still this job's attempt: the write lost only on "step never goes back"
+                # (an older checkpoint finished after a newer one). Not a reason to stop.
+                logger.warning("checkpoint at step %s is older than the recorded one: not recorded", ref.step)
+                return
             logger.warning("superseded (%s): stopping training and standing down", exc)
             self._stand_down()
             return
