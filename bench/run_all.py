@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark, each in a fresh interpreter (no shared warm-up).
 
-    python -m bench.run_all            # full sizes, as recorded in docs/BENCHMARKS.md
-    python -m bench.run_all --quick    # small sizes: a smoke run that the scripts still work
+python -m bench.run_all            # full sizes, as recorded in docs/BENCHMARKS.md
+python -m bench.run_all --quick    # small sizes: a smoke run that the scripts still work
 """
 
 from __future__ import annotations

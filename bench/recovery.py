@@ -1,0 +1,313 @@
+"""Recovery time breakdown and a burst of simultaneous interruptions (the offline rehearsal).
+
+    python -m bench.recovery            # 3 noticed interruptions + a burst of 200 jobs
+    python -m bench.recovery --quick    # 2 interruptions + a burst of 40
+    python -m bench.recovery --json
+
+1. Breakdown: one `trainctl rehearse` of the tiny numpy example (real agent and training
+   processes, real handlers, the real resume workflow in moto) with noticed interruptions.
+   Per interruption, seconds after the warning: SSM command delivered, final checkpoint
+   durable (on the job row), replacement's RunInstances done, booted (the configured boot
+   delay after that), RUNNING, training resumed. trainctl's own overhead is the recovery
+   time minus the boot delay and minus the final checkpoint (goal: <= 2 s). Baseline in
+   the same run: the cold start of one Python process importing what the agent and the
+   training import; process starts are most of the overhead here, so the overhead is also
+   given as a multiple of it.
+2. Burst: N jobs, all interrupted by the same tick. Real agent processes for 200 jobs
+   would be 400+ Python processes on 2 cores, so the "instances" are lightweight: a
+   thread per instance that does what the agent does on the job row, through the same
+   adapters (waits for its resume point, marks RUNNING, heartbeats a simulated step
+   counter, records periodic and final checkpoints fenced on instance and attempt, and
+   answers the workflow's handshake when the SSM command arrives; first attempts
+   "train" slowly so every job is still training when the burst hits, replacements
+   fast). Everything else is the real flow: EventBridge rules, handlers, SSM, the resume
+   workflow in moto, the instance emulator. Reported: recoveries, duplicate replacements (goal 0), throughput
+   (recoveries per second from the first warning to the last training resumed) and the
+   recovery-time median / p95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from trainctl.rehearse.instances import Instance
+from trainctl.rehearse.scenario import Options, rehearse, resolve_script
+
+BOOT_SECONDS = 1.0
+
+
+# --- lightweight instances (burst) ------------------------------------------------------------
+
+
+class LightAgent:
+    """One emulated instance: the agent's job-row protocol without processes."""
+
+    def __init__(
+        self, instance: Instance, environment: Mapping[str, str], *, steps: int, rate: float
+    ) -> None:
+        from trainctl.rehearse.cloud import client
+        from trainctl_core import jobs
+        from trainctl_core.jobs import CheckpointRef
+        from trainctl_core.store import JobStore
+        from trainctl_core.workflow import Handshake
+
+        endpoint = environment["AWS_ENDPOINT_URL"]
+        self._jobs, self._ref = jobs, CheckpointRef
+        # One set of clients for all (thread-safe; a boto3 client costs ~10 MB).
+        shared = _clients(endpoint, client)
+        self.store = JobStore(shared["dynamodb"], environment["TRAINCTL_JOBS_TABLE"])
+        self.handshake = Handshake(shared["stepfunctions"])
+        self.ec2 = shared["ec2"]
+        self.instance = instance
+        self.steps, self.rate = steps, rate
+        self.code: int | None = None
+        self.stop = threading.Event()
+        self.notice = threading.Event()
+        self.step = 0
+        self.attempt = -1
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, daemon=True, name=f"light-{instance.instance_id}").start()
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def kill(self) -> None:
+        self.stop.set()
+        self.code = -9
+
+    def run_command(self, argv: list[str], timeout: float) -> int:
+        # The SSM document's `trainctl checkpoint-now ...`: checkpoint now and stop.
+        if "checkpoint-now" not in argv:
+            return 127
+        self.notice.set()
+        deadline = time.time() + timeout
+        while time.time() < deadline and not self.stop.is_set():
+            if self.code is not None:
+                return 0
+            time.sleep(0.05)
+        return 2
+
+    def _checkpoint(self, step: int, *, final: bool) -> dict[str, Any]:
+        ref = self._ref(
+            step=step,
+            prefix=f"{self.instance.job_id}/ckpt/{step:012d}/",
+            attempt=self.attempt,
+            created_at=self._jobs.utcnow(),
+        )
+        return self.store.record_checkpoint(
+            self.instance.job_id,
+            instance_id=self.instance.instance_id,
+            attempt=self.attempt,
+            checkpoint=ref,
+            final=final,
+        )
+
+    def _run(self) -> None:
+        jobs = self._jobs
+        try:
+            while not self.stop.is_set():
+                job = self.store.get(self.instance.job_id)
+                if job.instance_id == self.instance.instance_id and job.resume_point is not None:
+                    break
+                time.sleep(1.0)
+            if self.stop.is_set():
+                return
+            self.attempt = job.attempt
+            self.step = job.resume_point.step or 0 if job.resume_point else 0
+            self.store.apply(jobs.mark_running(job, instance_id=self.instance.instance_id, now=jobs.utcnow()))
+            # First attempts train slowly so that every job is still training when the
+            # burst hits (launching hundreds takes a while); replacements finish fast.
+            rate = self.rate if self.attempt == 0 else 50 * self.rate
+            started, first = time.time(), self.step
+            last_checkpoint = self.step
+            while not self.stop.is_set():
+                # Few requests per agent: hundreds of them share one moto process.
+                self.notice.wait(0.5 if self.attempt > 0 else 2.0)
+                self.step = min(self.steps, first + int((time.time() - started) * rate))
+                if self.notice.is_set():
+                    row = self._checkpoint(self.step, final=True)
+                    token = row.get("task_token")
+                    if token and row.get("task_token_attempt") == self.attempt:
+                        from trainctl_core.workflow import HandshakeError
+
+                        with contextlib.suppress(HandshakeError):  # the workflow timed out: fine
+                            self.handshake.complete(
+                                str(token),
+                                {
+                                    "checkpoint": {
+                                        "step": self.step,
+                                        "prefix": f"{self.instance.job_id}/ckpt/{self.step:012d}/",
+                                        "attempt": self.attempt,
+                                        "created_at": jobs.format_time(jobs.utcnow()),
+                                    }
+                                },
+                            )
+                    self.code = 0
+                    return
+                self.store.heartbeat(
+                    self.instance.job_id,
+                    instance_id=self.instance.instance_id,
+                    attempt=self.attempt,
+                    step=self.step,
+                )
+                if self.step - last_checkpoint >= 20:
+                    self._checkpoint(self.step, final=False)
+                    last_checkpoint = self.step
+                if self.step >= self.steps:
+                    job = self.store.get(self.instance.job_id)
+                    self.store.apply(
+                        jobs.mark_succeeded(job, instance_id=self.instance.instance_id, now=jobs.utcnow())
+                    )
+                    # The agent's shutdown command: the instance terminates on shutdown.
+                    self.ec2.terminate_instances(InstanceIds=[self.instance.instance_id])
+                    self.code = 0
+                    return
+        except Exception as exc:  # a superseded or failed light agent ends like a crashed one
+            print(f"light agent {self.instance.instance_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            self.code = 1
+
+
+_CLIENTS: dict[str, dict[str, Any]] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _clients(endpoint: str, factory: Any) -> dict[str, Any]:
+    with _CLIENTS_LOCK:
+        if endpoint not in _CLIENTS:
+            _CLIENTS[endpoint] = {s: factory(s, endpoint) for s in ("dynamodb", "stepfunctions", "ec2")}
+        return _CLIENTS[endpoint]
+
+
+# --- the two measurements ---------------------------------------------------------------------
+
+
+def process_baseline() -> float:
+    """Seconds for one cold Python process importing the agent's and the training's modules."""
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", "import numpy, boto3, trainctl.agent.supervisor, trainctl.checkpoint"],
+        check=True,
+    )
+    return time.perf_counter() - started
+
+
+def breakdown(interruptions: int) -> dict[str, Any]:
+    fractions = [round((k + 1) / (interruptions + 1), 3) for k in range(interruptions)]
+    options = Options(
+        script=resolve_script(None),
+        interruptions=interruptions,
+        at=fractions,
+        boot_seconds=BOOT_SECONDS,
+        environment={"TRAIN_STEPS": str(200 * (interruptions + 1)), "TRAIN_CHECKPOINT_EVERY": "25"},
+    )
+    report = rehearse(options)
+    phases = (
+        "ssm_delivered",
+        "checkpoint_durable",
+        "replacement_launched",
+        "replacement_booted",
+        "running",
+        "training_resumed",
+    )
+    rows = [d["breakdown_seconds"] for d in report["interruption_details"]]
+    medians = {p: _median([r[p] for r in rows]) for p in phases}
+    overheads = [
+        d["recovery_seconds"] - BOOT_SECONDS - (d["breakdown_seconds"]["checkpoint_durable"] or 0.0)
+        for d in report["interruption_details"]
+        if d["recovery_seconds"] is not None
+    ]
+    return {
+        "verdict": report["verdict"],
+        "lost_steps": report["lost_steps"],
+        "checkpoint_kinds": report["checkpoint_kinds"],
+        "median_seconds_after_notice": medians,
+        "recovery_seconds": report["recovery_seconds"],
+        "overhead_seconds": [round(o, 3) for o in overheads],
+        "overhead_median_seconds": _median(overheads),
+        "boot_seconds": BOOT_SECONDS,
+    }
+
+
+def burst(jobs: int) -> dict[str, Any]:
+    steps, rate = 400, 0.5
+
+    def spawn(instance: Instance, environment: Mapping[str, str]) -> LightAgent:
+        return LightAgent(instance, environment, steps=steps, rate=rate)
+
+    options = Options(
+        script=resolve_script(None),
+        jobs=jobs,
+        interruptions=1,
+        at=[0.02],
+        simultaneous=True,
+        boot_seconds=BOOT_SECONDS,
+        spawn=spawn,
+        # No training artifacts here: the burst measures the control plane only.
+        reference={"sha256": None, "steps": steps, "digests": {}, "seconds": 0.0},
+        timeout_seconds=900,
+    )
+    report = rehearse(options)
+    details = report["interruption_details"]
+    recoveries = [d["recovery_seconds"] for d in details if d["recovery_seconds"] is not None]
+    # Every warning went out in the same tick, so the last recovery ends the burst.
+    span = max(recoveries, default=0.0)
+    return {
+        "jobs": jobs,
+        "interruptions": report["interruptions"],
+        "recovered": len(recoveries),
+        "replacements": report["replacements"],
+        "duplicate_replacements": report["duplicate_replacements"],
+        "succeeded": sum(1 for j in report["per_job"] if j["status"] == "SUCCEEDED"),
+        "handler_errors": report["handler_errors"],
+        "recovery_median_seconds": _median(recoveries),
+        "recovery_p95_seconds": round(sorted(recoveries)[int(0.95 * (len(recoveries) - 1))], 3)
+        if recoveries
+        else None,
+        "recoveries_per_second": round(len(recoveries) / span, 2) if span > 0 else None,
+        "wall_seconds": report["wall_seconds"],
+    }
+
+
+def _median(values: list[Any]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Recovery breakdown and burst (offline rehearsal).")
+    parser.add_argument("--quick", action="store_true", help="2 interruptions and a burst of 40")
+    parser.add_argument("--interruptions", type=int, default=None)
+    parser.add_argument("--burst", type=int, default=None, help="jobs interrupted at once")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    interruptions = args.interruptions or (2 if args.quick else 3)
+    jobs = args.burst or (40 if args.quick else 200)
+
+    baseline = process_baseline()
+    first = breakdown(interruptions)
+    second = burst(jobs)
+    overhead = first["overhead_median_seconds"]
+    result = {
+        "baseline_process_start_seconds": round(baseline, 3),
+        "breakdown": first,
+        "overhead_in_process_starts": round(overhead / baseline, 2)
+        if overhead is not None and baseline
+        else None,
+        "burst": second,
+        "command": "python -m bench.recovery" + (" --quick" if args.quick else ""),
+    }
+    print(json.dumps(result, indent=None if args.json else 1))
+    return 0 if first["verdict"] == "pass" and second["duplicate_replacements"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

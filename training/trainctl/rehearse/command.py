@@ -1,0 +1,176 @@
+"""`trainctl rehearse`: watch a training script survive Spot interruptions, offline.
+
+Public and stable (scripts depend on the flags and on the `--json` keys). Exit code 0
+only on a `pass` verdict; 1 on `fail`; 2 when the rehearsal could not run at all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+EXIT_FAIL = 1
+EXIT_ERROR = 2
+
+
+def _fractions(value: str | None) -> list[float] | None:
+    if not value:
+        return None
+    try:
+        return [float(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"--at takes comma-separated fractions like 0.3,0.6 (got {value!r})"
+        ) from None
+
+
+def _pools(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def rehearse_command(
+    script: Annotated[
+        str | None,
+        typer.Argument(
+            help="Training script, or a bundled example name (default: tiny_train).", show_default=False
+        ),
+    ] = None,
+    interruptions: Annotated[int, typer.Option("--interruptions", "-n", help="How many interruptions.")] = 2,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at", help="When, as comma-separated fractions of the steps (default: evenly spaced)."
+        ),
+    ] = None,
+    no_notice: Annotated[
+        int, typer.Option("--no-notice", help="How many of them (the last ones) come without a warning.")
+    ] = 0,
+    duplicate_events: Annotated[
+        bool,
+        typer.Option("--duplicate-events", help="Deliver every EC2 event twice and send each warning twice."),
+    ] = False,
+    capacity_errors: Annotated[
+        str | None,
+        typer.Option(
+            "--capacity-errors",
+            help="Pools with no capacity, comma-separated: TYPE@ZONE (m5.large@us-east-1a), TYPE or ZONE.",
+        ),
+    ] = None,
+    rebalance_first: Annotated[
+        bool, typer.Option("--rebalance-first", help="Precede each warning with a rebalance recommendation.")
+    ] = False,
+    boot_seconds: Annotated[float, typer.Option("--boot-seconds", help="Emulated instance boot time.")] = 1.0,
+    time_scale: Annotated[
+        float,
+        typer.Option("--time-scale", help="Scale of AWS's timings (the 120 s notice, backoffs); 1 = real."),
+    ] = 0.05,
+    seed: Annotated[int, typer.Option("--seed", help="Training seed (TRAIN_SEED) of both runs.")] = 7,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (nothing else).")
+    ] = False,
+    timeline: Annotated[
+        Path | None, typer.Option("--timeline", help="Write a PNG timeline here (needs matplotlib).")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Give up after this many seconds.")] = 600.0,
+    keep: Annotated[
+        Path | None, typer.Option("--keep", help="Keep the instances' logs and outputs in this directory.")
+    ] = None,
+) -> None:
+    """Rehearse the whole recovery flow on this machine: moto for AWS, processes for instances."""
+    from rich.console import Console
+
+    from trainctl.rehearse.scenario import Options, RehearsalError, rehearse, resolve_script
+
+    console = Console(stderr=json_output)
+    try:
+        options = Options(
+            script=resolve_script(script),
+            interruptions=interruptions,
+            at=_fractions(at),
+            no_notice=no_notice,
+            duplicate_events=duplicate_events,
+            capacity_errors=_pools(capacity_errors),
+            rebalance_first=rebalance_first,
+            boot_seconds=boot_seconds,
+            time_scale=time_scale,
+            seed=seed,
+            timeout_seconds=timeout,
+            workdir=keep,
+            keep_workdir=keep is not None,
+        )
+        options.validate()
+        if json_output:
+            result = rehearse(options)
+        else:
+            with console.status("starting...") as status:
+                result = rehearse(options, progress=lambda line: status.update(line))
+    except RehearsalError as exc:
+        if json_output:
+            print(json.dumps({"verdict": "error", "error": str(exc)}))
+        else:
+            console.print(f"[red]rehearsal error:[/red] {exc}")
+        raise typer.Exit(EXIT_ERROR) from None
+    if timeline is not None:
+        from trainctl.rehearse.timeline import TimelineUnavailable, write_png
+
+        try:
+            write_png(result, timeline)
+            result["timeline_png"] = str(timeline)
+        except TimelineUnavailable as exc:
+            console.print(f"[yellow]{exc}[/yellow]")
+    if json_output:
+        print(json.dumps(result, default=str))
+    else:
+        _print_report(console, result)
+    raise typer.Exit(0 if result["verdict"] == "pass" else EXIT_FAIL)
+
+
+def _print_report(console: Any, result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{Path(result['script']).name}: {result['interruptions']} interruption(s)")
+    for column in (
+        "#",
+        "kind",
+        "pool",
+        "lost steps",
+        "resumed from",
+        "checkpoint",
+        "recovery s",
+        "replacement",
+    ):
+        table.add_column(column)
+    for detail in result["interruption_details"]:
+        table.add_row(
+            str(detail["index"] + 1),
+            detail["kind"],
+            detail["pool"],
+            str(detail["lost_steps"]),
+            str(detail["resume_step"]),
+            str(detail["checkpoint_kind"]),
+            str(detail["recovery_seconds"]),
+            str(detail["replacement_pool"]),
+        )
+    console.print(table)
+    console.print(
+        f"reference sha256 {result['reference_sha256']}\n"
+        f"final     sha256 {result['final_sha256']}  identical: {result['identical']}\n"
+        f"replacements {result['replacements']}, duplicates {result['duplicate_replacements']}, "
+        f"RunInstances calls {len(result['pools_tried'])}, wall {result['wall_seconds']} s"
+    )
+    if result.get("timeline_png"):
+        console.print(f"timeline: {result['timeline_png']}")
+    for reason in result["reasons"]:
+        console.print(f"[red]- {reason}[/red]")
+    if result.get("divergence"):
+        console.print(f"[red]  {result['divergence']}[/red]")
+    colour = "green" if result["verdict"] == "pass" else "red"
+    console.print(f"verdict: [bold {colour}]{result['verdict']}[/bold {colour}]")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `rehearse` to the trainctl CLI."""
+    app.command("rehearse")(rehearse_command)

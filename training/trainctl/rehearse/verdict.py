@@ -1,0 +1,217 @@
+"""The verdict: did the interrupted run produce what an uninterrupted run produces?
+
+Pure functions over what the rehearsal (or the opt-in AWS suite, tests/e2e) observed, so
+both judge a run the same way:
+
+* the final artifact is byte-identical to the reference run's (sha256), and so are the
+  files of the final checkpoint;
+* no noticed interruption lost a step (lost steps = the last step trained before the loss
+  minus the step the next attempt resumed from);
+* every interruption was recovered by exactly one replacement.
+
+When the artifacts differ, `divergence` compares the checkpoints both runs wrote at the
+same steps (file hashes from their manifests) and names the first step that differs and
+which attempt wrote it, so a user sees where their resume logic goes wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainctl_core import checkpoints as layout
+from trainctl_core.checkpoints import CheckpointStorage
+
+Digests = dict[int, tuple[int, frozenset[tuple[str, str]]]]  # step -> (attempt, {(path, hash)})
+
+
+@dataclass
+class InterruptionOutcome:
+    """One injected interruption and what followed it."""
+
+    index: int
+    job_id: str
+    attempt: int
+    instance_id: str
+    pool: str
+    kind: str  # "notice" | "rebalance+notice" | "no-notice"
+    noticed_at: float
+    ssm_delivered_at: float | None = None
+    checkpoint_durable_at: float | None = None
+    replacement_launched_at: float | None = None
+    replacement_booted_at: float | None = None
+    running_at: float | None = None
+    resumed_at: float | None = None
+    killed_at: float | None = None
+    last_step: int | None = None
+    resume_step: int | None = None
+    checkpoint_kind: str | None = None
+    replacement_pool: str | None = None
+
+    @property
+    def noticed(self) -> bool:
+        return self.kind != "no-notice"
+
+    @property
+    def lost_steps(self) -> int | None:
+        return lost_steps(self.last_step, self.resume_step)
+
+    @property
+    def recovery_seconds(self) -> float | None:
+        if self.resumed_at is None:
+            return None
+        return round(self.resumed_at - self.noticed_at, 3)
+
+    def since_notice(self, moment: float | None) -> float | None:
+        return None if moment is None else round(moment - self.noticed_at, 3)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "job_id": self.job_id,
+            "attempt": self.attempt,
+            "instance_id": self.instance_id,
+            "pool": self.pool,
+            "kind": self.kind,
+            "last_step": self.last_step,
+            "resume_step": self.resume_step,
+            "lost_steps": self.lost_steps,
+            "checkpoint_kind": self.checkpoint_kind,
+            "replacement_pool": self.replacement_pool,
+            "recovery_seconds": self.recovery_seconds,
+            "breakdown_seconds": {
+                "ssm_delivered": self.since_notice(self.ssm_delivered_at),
+                "checkpoint_durable": self.since_notice(self.checkpoint_durable_at),
+                "replacement_launched": self.since_notice(self.replacement_launched_at),
+                "replacement_booted": self.since_notice(self.replacement_booted_at),
+                "running": self.since_notice(self.running_at),
+                "training_resumed": self.since_notice(self.resumed_at),
+                "killed": self.since_notice(self.killed_at),
+            },
+        }
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    divergence: str | None = None
+
+    @property
+    def word(self) -> str:
+        return "pass" if self.passed else "fail"
+
+
+def lost_steps(last_step: int | None, resume_step: int | None) -> int | None:
+    """Steps that had to be redone: trained before the loss, not in the resume point."""
+    if last_step is None:
+        return None
+    return max(0, last_step - (resume_step or 0))
+
+
+def sha256_file(path: str) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def checkpoint_digests(storage: CheckpointStorage, job_id: str) -> Digests:
+    """Every verified-manifest checkpoint of `job_id`: step -> (attempt, file hashes)."""
+    found: Digests = {}
+    for step in storage.list_steps():
+        raw = storage.read_manifest(step)
+        if raw is None:
+            continue
+        try:
+            manifest = layout.parse_manifest(raw, expect_job_id=job_id, expect_step=step)
+        except layout.InvalidManifest:
+            continue
+        found[step] = (manifest.attempt, frozenset((f.path, f.xxh3_128) for f in manifest.files))
+    return found
+
+
+def divergence(
+    reference: Digests, run: Digests, resumed_from: Mapping[int, int | None] | None = None
+) -> str | None:
+    """Where the run's checkpoints first differ from the reference's, in words (None: nowhere).
+
+    `resumed_from` maps an attempt to the step it resumed from, so the message can say
+    which resume went wrong.
+    """
+    common = sorted(set(reference) & set(run))
+    last_same: int | None = None
+    for step in common:
+        if reference[step][1] != run[step][1]:
+            attempt = run[step][0]
+            since = (
+                f"after step {last_same}" if last_same is not None else "before the first common checkpoint"
+            )
+            resumed = (resumed_from or {}).get(attempt)
+            how = f", which resumed from step {resumed}" if resumed is not None else ""
+            return (
+                f"the runs diverged {since}: the checkpoint at step {step} "
+                f"(written by attempt {attempt}{how}) differs from the uninterrupted run's at the same step"
+            )
+        last_same = step
+    return None
+
+
+def judge(
+    *,
+    reference_sha256: str | None,
+    final_sha256: str | None,
+    job_status: str,
+    outcomes: Sequence[InterruptionOutcome],
+    planned: int,
+    duplicate_replacements: int,
+    reference_digests: Digests | None = None,
+    run_digests: Digests | None = None,
+    failure_reason: str | None = None,
+    parked_events: int = 0,
+) -> Verdict:
+    reasons: list[str] = []
+    if job_status != "SUCCEEDED":
+        reasons.append(f"the job ended {job_status}" + (f": {failure_reason}" if failure_reason else ""))
+    if len(outcomes) < planned:
+        reasons.append(
+            f"only {len(outcomes)} of {planned} interruptions could be injected before the job ended"
+        )
+    identical = reference_sha256 is not None and reference_sha256 == final_sha256
+    where = None
+    if job_status == "SUCCEEDED" and not identical:
+        if final_sha256 is None:
+            reasons.append("the interrupted run wrote no final artifact (TRAIN_OUTPUT)")
+        else:
+            reasons.append("the final artifact differs from the uninterrupted run's")
+        if reference_digests is not None and run_digests is not None:
+            where = divergence(
+                reference_digests, run_digests, {o.attempt + 1: o.resume_step for o in outcomes}
+            )
+            if where is None:
+                final_step = max(run_digests, default=None)
+                where = (
+                    "every checkpoint both runs wrote matches; the difference comes after the last "
+                    f"checkpoint (step {final_step}) or from state the checkpoint does not hold"
+                )
+    for outcome in outcomes:
+        if outcome.resumed_at is None and job_status == "SUCCEEDED":
+            reasons.append(f"interruption {outcome.index + 1}: the replacement never resumed training")
+        if outcome.noticed and (outcome.lost_steps or 0) > 0:
+            reasons.append(
+                f"interruption {outcome.index + 1} ({outcome.kind}) lost {outcome.lost_steps} steps "
+                f"(trained to {outcome.last_step}, resumed from {outcome.resume_step}, "
+                f"{outcome.checkpoint_kind})"
+            )
+    if duplicate_replacements:
+        reasons.append(f"{duplicate_replacements} duplicate replacement instance(s) were launched")
+    if parked_events:
+        reasons.append(f"{parked_events} event(s) failed in the handlers after every retry")
+    return Verdict(passed=not reasons, reasons=reasons, divergence=where)
+
+
+def summarize_pools(calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [dict(call) for call in calls]
