@@ -7,6 +7,8 @@ it with `AWS_EC2_METADATA_SERVICE_ENDPOINT=<fake.url>`.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import secrets
 import threading
@@ -53,7 +55,10 @@ class FakeImds:
                 self.send_response(code)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                # The instance's processes are SIGKILLed mid-request at the deadline, as on EC2:
+                # a client gone away is expected, not an error to print.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(data)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

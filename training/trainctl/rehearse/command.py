@@ -128,38 +128,47 @@ def rehearse_command(
     raise typer.Exit(0 if result["verdict"] == "pass" else EXIT_FAIL)
 
 
+def _short_pool(label: str | None) -> str:
+    """`m5.large@us-east-1a` as `m5.large@1a`: the table must fit an 80-column terminal."""
+    if not label:
+        return "-"
+    instance_type, _, zone = label.partition("@")
+    return f"{instance_type}@{zone[-2:]}" if zone else instance_type
+
+
 def _print_report(console: Any, result: dict[str, Any]) -> None:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"{Path(result['script']).name}: {result['interruptions']} interruption(s)")
-    for column in (
-        "#",
-        "kind",
-        "pool",
-        "lost steps",
-        "resumed from",
-        "checkpoint",
-        "recovery s",
-        "replacement",
-    ):
-        table.add_column(column)
+    table = Table(
+        title=f"{Path(result['script']).name}: {result['interruptions']} interruption(s)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    for column in ("#", "kind", "pool→replacement", "lost", "from step", "checkpoint", "recovery"):
+        table.add_column(column, no_wrap=True)
     for detail in result["interruption_details"]:
+        recovery = detail["recovery_seconds"]
         table.add_row(
             str(detail["index"] + 1),
             detail["kind"],
-            detail["pool"],
-            str(detail["lost_steps"]),
-            str(detail["resume_step"]),
+            f"{_short_pool(detail['pool'])}→{_short_pool(detail['replacement_pool'])}",
+            "-" if detail["lost_steps"] is None else str(detail["lost_steps"]),
+            "-" if detail["resume_step"] is None else str(detail["resume_step"]),
             str(detail["checkpoint_kind"]),
-            str(detail["recovery_seconds"]),
-            str(detail["replacement_pool"]),
+            "-" if recovery is None else f"{recovery:.1f} s",
         )
     console.print(table)
+    # soft_wrap: a hash is copied whole, never broken across lines.
+    console.print("sha256 of the final artifact:")
+    console.print(f"  reference {result['reference_sha256']}", soft_wrap=True)
+    console.print(f"  rehearsal {result['final_sha256']}", soft_wrap=True)
     console.print(
-        f"reference sha256 {result['reference_sha256']}\n"
-        f"final     sha256 {result['final_sha256']}  identical: {result['identical']}\n"
-        f"replacements {result['replacements']}, duplicates {result['duplicate_replacements']}, "
-        f"RunInstances calls {len(result['pools_tried'])}, wall {result['wall_seconds']} s"
+        f"identical: {result['identical']}; replacements {result['replacements']}, "
+        f"duplicates {result['duplicate_replacements']}, RunInstances calls {len(result['pools_tried'])}, "
+        f"wall {result['wall_seconds']} s"
     )
     if result.get("timeline_png"):
         console.print(f"timeline: {result['timeline_png']}")
