@@ -8,7 +8,6 @@ it with `AWS_EC2_METADATA_SERVICE_ENDPOINT=<fake.url>`.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import secrets
 import threading

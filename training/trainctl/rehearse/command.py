@@ -168,7 +168,7 @@ def _print_report(console: Any, result: dict[str, Any]) -> None:
     console.print(
         f"identical: {result['identical']}; replacements {result['replacements']}, "
         f"duplicates {result['duplicate_replacements']}, RunInstances calls {len(result['pools_tried'])}, "
-        f"wall {result['wall_seconds']} s"
+        f"wall {result['wall_seconds']:.0f} s"
     )
     if result.get("timeline_png"):
         console.print(f"timeline: {result['timeline_png']}")
