@@ -35,6 +35,13 @@ TAG_MANAGED = "trainctl:managed"
 # Parameters of the trainctl checkpoint SSM Command document.
 SSM_PARAM_JOB_ID = "JobId"
 SSM_PARAM_DEADLINE = "Deadline"
+# What the agent does after the checkpoint: "stop" (a Spot warning or a migrating
+# rebalance: the training process ends and the replacement resumes) or "continue" (a
+# rebalance under the default policy: checkpoint, keep training on this instance).
+SSM_PARAM_MODE = "Mode"
+CHECKPOINT_MODE_STOP = "stop"
+CHECKPOINT_MODE_CONTINUE = "continue"
+CHECKPOINT_MODES = (CHECKPOINT_MODE_STOP, CHECKPOINT_MODE_CONTINUE)
 
 # EC2 gives two minutes between the Spot interruption warning and the reclaim.
 SPOT_NOTICE_SECONDS = 120
