@@ -50,7 +50,12 @@ from typing import Any
 import torch
 
 from trainctl.checkpoint import Checkpointer
-from trainctl_core.checkpoints import LocalCheckpointStorage, S3CheckpointStorage
+from trainctl_core.checkpoints import (
+    CheckpointId,
+    LocalCheckpointStorage,
+    S3CheckpointStorage,
+    checkpoint_prefix,
+)
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -527,11 +532,12 @@ def measure_upload_cpu(nbytes: int, scratch: str) -> dict[str, float]:
         storage = S3CheckpointStorage(client, "bench", "bench")
         usage = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
-        storage.put_files(1, [(path, "state.bin")], lambda: False)
+        storage.put_files(CheckpointId(1, 0), [(path, "state.bin")], lambda: False)
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
-        head = client.head_object(Bucket="bench", Key="bench/ckpt/000000000001/state.bin")
+        key = checkpoint_prefix("bench", CheckpointId(1, 0)) + "state.bin"
+        head = client.head_object(Bucket="bench", Key=key)
         if head["ContentLength"] != size:
             raise RuntimeError("the uploaded object has the wrong size")
         storage.close()

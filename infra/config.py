@@ -97,8 +97,13 @@ class TrainctlConfig(BaseModel):
     root_volume_gib: int = Field(default=200, ge=30, le=16384)
     alert_email: str | None = None
     log_retention_days: int = 30
-    # Checkpoints older than this are deleted by S3 lifecycle (0 = keep forever).
-    checkpoint_retention_days: int = Field(default=30, ge=0)
+    # Opt-in S3 expiration of *current* checkpoint objects by age (0 = never, the default).
+    # Retention is the Checkpointer's job (it keeps the newest N per job); an age rule
+    # cannot tell a paused job's only checkpoint from junk, and it may delete a
+    # checkpoint's files while its younger manifest survives. See docs/DEPLOY.md.
+    checkpoint_expiry_days: int = Field(default=0, ge=0)
+    # Overwritten/deleted object versions (retention pruning, a fenced agent's overwrite)
+    # are kept this long, then removed.
     noncurrent_version_days: int = Field(default=7, ge=1)
     ecr_immutable_tags: bool = True
     ecr_max_images: int = Field(default=20, ge=1, le=1000)

@@ -53,6 +53,7 @@ class TrainctlStack(Stack):
             launch_template=instances.launch_template,
             checkpoint_bucket=storage.checkpoint_bucket,
             removal_policy=config.removal,
+            log_retention=config.log_retention,
         )
         state_machine = workflow.state_machine
         instances.grant_task_response(state_machine)
@@ -71,6 +72,7 @@ class TrainctlStack(Stack):
             functions=[detection.interruption.function, detection.instance_state.function],
             dead_letter_queues=[detection.events_dlq, detection.handler_failures],
             state_machine=state_machine,
+            agent_logs=instances.agent_logs,
         )
         assert observability.guard_alarm is not None  # set by monitor()
         gameday = GameDay(self, "GameDay", stop_alarm=observability.guard_alarm)

@@ -5,6 +5,10 @@ loss recorded yet -> RUNNING -> INTERRUPTED and the resume workflow, which resum
 newest periodic checkpoint. If a warning already recorded the loss, the workflow it
 started is the one (same execution name): nothing new happens. Anything else is a no-op
 with a structured log line. Failure policy as in functions/interruption/handler.py.
+
+The lookup is by the job's *current* instance (the by-instance index), so a late event
+about an instance the job has already replaced is reported as `ignored_unmanaged`, like
+any instance trainctl does not run on: either way nothing changes.
 """
 
 from __future__ import annotations

@@ -5,10 +5,21 @@ Warning -> (1) SSM checkpoint-now to the instance, (2) RUNNING -> INTERRUPTED fo
 Rebalance -> checkpoint-now only, or the same path as a warning when the job's policy
 is `on_rebalance: migrate`.
 
-Failures: a malformed event raises (retried, then parked in the on-failure queue, which
-alarms). An unmanaged instance, an ended job or a stale attempt is a normal outcome (logged,
-counted, no retry). SSM unable to reach the instance is logged and recovery goes on. Any
-other AWS error raises so Lambda retries; every step is idempotent, so a retry is safe.
+Failures:
+- A malformed event raises (retried, then parked in the on-failure queue, which alarms).
+- An unmanaged instance, an ended job or a stale attempt is a normal outcome (logged,
+  counted, no retry).
+- A failed checkpoint request never holds up (2) and (3): the failure is logged and
+  counted (`CheckpointSignalFailures`), the loss is recorded and the resume started, and
+  the workflow falls back to the newest periodic checkpoint if no final one arrives.
+  Then the invocation raises only if a retry can still help: the error was transient
+  (throttling, 5xx, timeout) and the notice deadline has not passed. The retry finds the
+  loss recorded with its request marked as failed, asks again, and every other step is a
+  no-op (conditional write, deterministic execution name). An unreachable instance
+  (already gone) or a refusal that would repeat (e.g. AccessDenied: logged at error
+  level) does not raise: retrying cannot deliver it.
+- Any other AWS error (DynamoDB, Step Functions) raises so Lambda retries; every step is
+  idempotent, so a retry is safe.
 """
 
 from __future__ import annotations

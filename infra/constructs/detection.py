@@ -168,6 +168,17 @@ class Detection(Construct):
         )
         # Own role without AWSLambdaBasicExecutionRole: logs go to this one log group only.
         role = iam.Role(self, f"{construct_id}Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"))
+        # Lambda writes the function's logs with the function's role: without this nothing
+        # (not even the Powertools metrics, which are log lines) would reach CloudWatch.
+        # The group exists (created above), so no logs:CreateLogGroup; its Arn attribute
+        # (`…:log-group:<name>:*`) covers the streams Lambda creates in it.
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="WriteOwnLogGroup",
+                actions=["logs:CreateLogStream", "logs:PutLogEvents"],
+                resources=[log_group.log_group_arn],
+            )
+        )
         function = lambda_.Function(
             self,
             construct_id,

@@ -26,9 +26,12 @@ from infra.packaging import REPO_ROOT, agent_asset
 from trainctl_core.checkpoints import CKPT_DIR
 from trainctl_core.jobs import JOB_ID_PATTERN
 from trainctl_core.settings import (
+    CHECKPOINT_MODE_STOP,
+    CHECKPOINT_MODES,
     JOBS_PARTITION_KEY,
     SSM_PARAM_DEADLINE,
     SSM_PARAM_JOB_ID,
+    SSM_PARAM_MODE,
     TAG_JOB_ID,
     TAG_MANAGED,
 )
@@ -43,12 +46,10 @@ AGENT_HOME = "/opt/trainctl"
 AGENT_ARCHIVE = "/tmp/trainctl-agent.zip"
 # The one bootstrap script (Fn::Sub placeholders for the values below); see its README.
 BOOTSTRAP_SCRIPT = REPO_ROOT / "training" / "bootstrap" / "user-data.sh"
-# Resources a RunInstances call creates or uses besides the instance and the AMI.
-_RUN_INSTANCES_RESOURCES = (
+# Resources a RunInstances call creates (ids unknown in advance) besides the instance.
+_RUN_INSTANCES_CREATED = (
     "volume",
     "network-interface",
-    "subnet",
-    "security-group",
     "spot-instances-request",
 )
 ROOT_DEVICE = "/dev/xvda"  # Amazon Linux 2023 (and the AL2023 Deep Learning AMIs)
@@ -288,6 +289,14 @@ class Instances(Construct):
                         "description": "ISO 8601 UTC time by which the checkpoint must be durable.",
                         "allowedPattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$",
                     },
+                    SSM_PARAM_MODE: {
+                        "type": "String",
+                        "description": "stop: training stops after the checkpoint (interruption); "
+                        "continue: it goes on (rebalance recommendation).",
+                        "allowedValues": list(CHECKPOINT_MODES),
+                        # A sender that leaves it out (an older handler) gets the old behaviour.
+                        "default": CHECKPOINT_MODE_STOP,
+                    },
                 },
                 "mainSteps": [
                     {
@@ -297,7 +306,7 @@ class Instances(Construct):
                             "timeoutSeconds": "120",
                             "runCommand": [
                                 f"{AGENT_BIN} checkpoint-now --job-id {{{{{SSM_PARAM_JOB_ID}}}}} "
-                                f"--deadline {{{{{SSM_PARAM_DEADLINE}}}}}"
+                                f"--deadline {{{{{SSM_PARAM_DEADLINE}}}}} --mode {{{{{SSM_PARAM_MODE}}}}}"
                             ],
                         },
                     }
@@ -394,6 +403,13 @@ class Instances(Construct):
             return stack.format_arn(service="ec2", resource=resource, resource_name="*")
 
         from_our_template = {"ArnEquals": {"ec2:LaunchTemplate": template_arn}}
+        # The AMI and the security group are named by the template, and the workflow never
+        # overrides them: ec2:IsLaunchTemplateResource refuses a call that does (another
+        # AMI, another group). Not on the subnet, which the workflow chooses per capacity
+        # pool (SubnetId in the call), nor on what the launch creates (volume, interface).
+        template_resources = {**from_our_template, "Bool": {"ec2:IsLaunchTemplateResource": "true"}}
+        # AMIs are owned by another account (Amazon's DLAMI), hence no account in the ARN.
+        any_image = stack.format_arn(service="ec2", resource="image", resource_name="*", account="")
         statements = [
             iam.PolicyStatement(
                 sid="RunTaggedInstancesFromTemplate",
@@ -411,13 +427,30 @@ class Instances(Construct):
             iam.PolicyStatement(
                 sid="RunInstancesResourcesViaTemplate",
                 actions=["ec2:RunInstances"],
+                resources=[template_arn, *(ec2_arn(r) for r in _RUN_INSTANCES_CREATED)],
+                conditions=from_our_template,
+            ),
+            iam.PolicyStatement(
+                sid="IntoOurSubnetsOnly",
+                actions=["ec2:RunInstances"],
                 resources=[
-                    template_arn,
-                    *(ec2_arn(r) for r in _RUN_INSTANCES_RESOURCES),
-                    # AMIs are owned by another account (Amazon's DLAMI), hence no account.
-                    stack.format_arn(service="ec2", resource="image", resource_name="*", account=""),
+                    stack.format_arn(service="ec2", resource="subnet", resource_name=subnet)
+                    for subnet in self.subnet_ids
                 ],
                 conditions=from_our_template,
+            ),
+            iam.PolicyStatement(
+                sid="TemplateImageAndSecurityGroup",
+                actions=["ec2:RunInstances"],
+                resources=[
+                    any_image,
+                    stack.format_arn(
+                        service="ec2",
+                        resource="security-group",
+                        resource_name=self.security_group.security_group_id,
+                    ),
+                ],
+                conditions=template_resources,
             ),
             iam.PolicyStatement(
                 sid="TagOnLaunchOnly",
@@ -441,7 +474,8 @@ class Instances(Construct):
             "AwsSolutions-IAM5",
             "RunInstances creates resources whose ids are unknown in advance; every statement "
             "is pinned to our launch template (ec2:LaunchTemplate) or to the RunInstances "
-            "call itself (ec2:CreateAction), and instances must be allowed types with trainctl tags.",
-            *(f"Resource::{ec2_arn(r)}" for r in (*_RUN_INSTANCES_RESOURCES, "instance")),
-            f"Resource::{stack.format_arn(service='ec2', resource='image', resource_name='*', account='')}",
+            "call itself (ec2:CreateAction), and instances must be allowed types with trainctl "
+            "tags. The AMI id comes from the template (ec2:IsLaunchTemplateResource).",
+            *(f"Resource::{ec2_arn(r)}" for r in (*_RUN_INSTANCES_CREATED, "instance")),
+            f"Resource::{any_image}",
         )

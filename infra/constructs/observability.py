@@ -1,7 +1,14 @@
-"""Observability: the encrypted alerts topic, alarms and the trainctl dashboard.
+"""Observability: the encrypted alerts topic, the agent's metric filters, alarms and the
+trainctl dashboard.
 
 Built in two steps because of the data flow: the topic exists before the workflow (which
 publishes to it), the alarms after it (they watch its executions).
+
+Every trainctl-namespace metric shown or alarmed on has an emitter in this repository:
+the handlers' Powertools metrics (trainctl_core.observability, emitted by
+trainctl_core.handling) or the agent's metric lines (trainctl_core.metrics), which the
+metric filters built here turn into metrics. tests/infra checks both against the
+synthesized template.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
@@ -21,30 +29,56 @@ from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from infra.config import TrainctlConfig
-from trainctl_core.observability import METRIC_INTERRUPTIONS, METRICS_NAMESPACE
+from trainctl_core.metrics import (
+    AGENT_METRICS,
+    JOBS_FAILED,
+    JOBS_SUCCEEDED,
+    LOST_STEPS,
+    METRICS_NAMESPACE,
+    POOL_DIMENSION,
+    REPLACEMENTS,
+    TIME_TO_CHECKPOINT,
+    TIME_TO_RESUME,
+    AgentMetric,
+    Unit,
+)
+from trainctl_core.observability import METRIC_INTERRUPTIONS
 
-# Metrics the dashboard shows that trainctl_core.observability does not define yet; the
-# emitters (workflow, agent) must use these names in namespace METRICS_NAMESPACE.
-METRIC_TIME_TO_CHECKPOINT = "TimeToCheckpoint"  # seconds, notice -> final checkpoint durable
-METRIC_TIME_TO_RESUME = "TimeToResume"  # seconds, notice -> replacement training again
-METRIC_LOST_STEPS = "LostSteps"  # steps redone after a resume
-METRIC_REPLACEMENTS = "Replacements"  # count, dimension `Pool` (instance type/AZ)
-METRIC_SAVINGS = "SavingsUSD"  # on-demand price minus Spot price, per job-hour
-METRIC_JOBS_FAILED = "JobsFailed"  # count, dimension service=trainctl (alarmed)
-SERVICE_DIMENSION = {"service": "trainctl"}  # Powertools adds `service` to every metric
+# Dimensions every handler metric carries: `outcome` (trainctl_core.handling.report) and
+# `service` (Powertools' default dimension).
+HANDLER_DIMENSIONS = ("outcome", "service")
+SAVINGS_NOTE = (
+    "**Savings vs on-demand** are not a metric: `trainctl savings JOB` computes them per job "
+    "from each attempt's billed seconds and the Spot and on-demand prices of its pool."
+)
 
 PERIOD = Duration.minutes(5)
 _AT_LEAST = cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
+_UNITS = {
+    Unit.SECONDS: cloudwatch.Unit.SECONDS,
+    Unit.COUNT: cloudwatch.Unit.COUNT,
+    Unit.NONE: cloudwatch.Unit.NONE,
+}
 
 
-def _search(metric_name: str, statistic: str, label: str) -> cloudwatch.MathExpression:
-    # SEARCH matches the metric whatever its dimensions (service, Pool, …) so the dashboard
-    # needs no update when an emitter adds one.
+def _agent_metric(name: str, statistic: str, label: str | None = None) -> cloudwatch.Metric:
+    """An agent metric as its filter publishes it: no dimensions (Replacements aside)."""
+    return cloudwatch.Metric(
+        namespace=METRICS_NAMESPACE, metric_name=name, statistic=statistic, label=label, period=PERIOD
+    )
+
+
+def _search(
+    schema: Sequence[str], metric_name: str, statistic: str, label: str, *, total: bool = False
+) -> cloudwatch.MathExpression:
+    # SEARCH with an exact schema `{namespace,dim,...}`: one series per dimension value
+    # (pools, handler outcomes) without listing the values here; SUM(...) adds them up.
+    search = (
+        f"SEARCH('{{{','.join((METRICS_NAMESPACE, *schema))}}} MetricName=\"{metric_name}\"', "
+        f"'{statistic}', {int(PERIOD.to_seconds())})"
+    )
     return cloudwatch.MathExpression(
-        expression=(
-            f'SEARCH(\'Namespace="{METRICS_NAMESPACE}" MetricName="{metric_name}"\', '
-            f"'{statistic}', {int(PERIOD.to_seconds())})"
-        ),
+        expression=f"SUM({search})" if total else search,
         label=label,
         period=PERIOD,
         using_metrics={},
@@ -98,8 +132,12 @@ class Observability(Construct):
         functions: Sequence[lambda_.IFunction],
         dead_letter_queues: Sequence[sqs.IQueue],
         state_machine: sfn.IStateMachine,
+        agent_logs: logs.ILogGroup,
     ) -> None:
         """Alarm on everything that means a lost interruption or a failed job; draw the dashboard."""
+        self.metric_filters = {
+            metric.name: self._metric_filter(agent_logs, metric) for metric in AGENT_METRICS.values()
+        }
         for queue in dead_letter_queues:
             self._alarm(
                 f"{queue.node.id}Depth",
@@ -123,14 +161,10 @@ class Observability(Construct):
         )
         self._alarm(
             "JobsFailed",
-            "trainctl jobs ended FAILED (guard hit or all capacity pools exhausted)",
-            cloudwatch.Metric(
-                namespace=METRICS_NAMESPACE,
-                metric_name=METRIC_JOBS_FAILED,
-                dimensions_map=SERVICE_DIMENSION,
-                period=PERIOD,
-                statistic=cloudwatch.Stats.SUM,
-            ),
+            "trainctl jobs ended FAILED on their instance (the agent's JobsFailed lines)",
+            # A job the workflow ends FAILED (a guard, all capacity pools exhausted) fails its
+            # execution too, so ResumeExecutionsFailed covers the jobs no agent ran to the end.
+            _agent_metric(JOBS_FAILED, cloudwatch.Stats.SUM),
         )
         # One alarm for "something is wrong": the FIS stop condition watches it.
         self.guard_alarm = cloudwatch.CompositeAlarm(
@@ -140,6 +174,20 @@ class Observability(Construct):
             alarm_rule=cloudwatch.AlarmRule.any_of(*self.alarms),
         )
         self.dashboard = self._build_dashboard(functions, state_machine)
+
+    def _metric_filter(self, agent_logs: logs.ILogGroup, metric: AgentMetric) -> logs.MetricFilter:
+        """Turn the agent's `metric.name` lines (trainctl_core.metrics) into the metric."""
+        return logs.MetricFilter(
+            self,
+            f"{metric.name}Filter",
+            log_group=agent_logs,
+            filter_pattern=logs.FilterPattern.literal(metric.filter_pattern),
+            metric_namespace=METRICS_NAMESPACE,
+            metric_name=metric.name,
+            metric_value=metric.value_selector,
+            unit=_UNITS[metric.unit],
+            dimensions=metric.dimension_selectors or None,
+        )
 
     def _alarm(
         self,
@@ -172,39 +220,47 @@ class Observability(Construct):
         dashboard.add_widgets(
             cloudwatch.GraphWidget(
                 title="Interruptions",
-                left=[_search(METRIC_INTERRUPTIONS, "Sum", "interruptions")],
+                left=[_search(HANDLER_DIMENSIONS, METRIC_INTERRUPTIONS, "Sum", "interruptions", total=True)],
                 width=8,
             ),
             cloudwatch.GraphWidget(
                 title="Time to checkpoint (s)",
                 left=[
-                    _search(METRIC_TIME_TO_CHECKPOINT, "p50", "p50"),
-                    _search(METRIC_TIME_TO_CHECKPOINT, "Maximum", "max"),
+                    _agent_metric(TIME_TO_CHECKPOINT, "p50", "p50"),
+                    _agent_metric(TIME_TO_CHECKPOINT, cloudwatch.Stats.MAXIMUM, "max"),
                 ],
                 width=8,
             ),
             cloudwatch.GraphWidget(
                 title="Time to resume (s)",
                 left=[
-                    _search(METRIC_TIME_TO_RESUME, "p50", "p50"),
-                    _search(METRIC_TIME_TO_RESUME, "Maximum", "max"),
+                    _agent_metric(TIME_TO_RESUME, "p50", "p50"),
+                    _agent_metric(TIME_TO_RESUME, cloudwatch.Stats.MAXIMUM, "max"),
                 ],
                 width=8,
             ),
         )
         dashboard.add_widgets(
             cloudwatch.GraphWidget(
-                title="Lost steps", left=[_search(METRIC_LOST_STEPS, "Sum", "lost steps")], width=8
+                title="Lost steps",
+                left=[_agent_metric(LOST_STEPS, cloudwatch.Stats.SUM, "lost steps")],
+                width=8,
             ),
             cloudwatch.GraphWidget(
                 title="Replacements by pool",
-                left=[_search(METRIC_REPLACEMENTS, "Sum", "")],
+                left=[_search((POOL_DIMENSION,), REPLACEMENTS, "Sum", "")],
                 stacked=True,
                 width=8,
             ),
             cloudwatch.GraphWidget(
-                title="Savings vs on-demand (USD)", left=[_search(METRIC_SAVINGS, "Sum", "USD")], width=8
+                title="Jobs ended",
+                left=[
+                    _agent_metric(JOBS_SUCCEEDED, cloudwatch.Stats.SUM, "succeeded"),
+                    _agent_metric(JOBS_FAILED, cloudwatch.Stats.SUM, "failed"),
+                ],
+                width=5,
             ),
+            cloudwatch.TextWidget(markdown=SAVINGS_NOTE, width=3, height=6),
         )
         dashboard.add_widgets(
             cloudwatch.GraphWidget(

@@ -52,7 +52,10 @@ class Storage(Construct):
             partition_key=dynamodb.Attribute(
                 name=JOBS_INSTANCE_ATTRIBUTE, type=dynamodb.AttributeType.STRING
             ),
-            projection_type=dynamodb.ProjectionType.ALL,
+            # Keys only: the handlers re-read the row consistently after the (eventually
+            # consistent) index hit, and a full projection would copy the whole row into
+            # the index on every heartbeat write.
+            projection_type=dynamodb.ProjectionType.KEYS_ONLY,
         )
         return table
 
@@ -92,6 +95,10 @@ class Storage(Construct):
         return bucket
 
     def _build_checkpoint_bucket(self) -> s3.Bucket:
+        # No age-based expiry of current objects by default: the newest checkpoint of a
+        # paused or long job may be the oldest object in the bucket, and an age rule would
+        # also delete a checkpoint's files before its (younger) manifest. The Checkpointer
+        # keeps the newest N per job; what it deletes becomes a noncurrent version.
         rules = [
             # Aborted multipart uploads (a reclaimed instance mid-upload) otherwise bill forever.
             s3.LifecycleRule(
@@ -103,11 +110,12 @@ class Storage(Construct):
                 expired_object_delete_marker=True,
             ),
         ]
-        if self._config.checkpoint_retention_days > 0:
+        if self._config.checkpoint_expiry_days > 0:
+            # Opt-in only (trainctl:checkpoint_expiry_days); docs/DEPLOY.md warns what it costs.
             rules.append(
                 s3.LifecycleRule(
                     id="expire-old-checkpoints",
-                    expiration=Duration.days(self._config.checkpoint_retention_days),
+                    expiration=Duration.days(self._config.checkpoint_expiry_days),
                 )
             )
         return s3.Bucket(

@@ -46,16 +46,19 @@ class ResumeWorkflow(Construct):
         launch_template: ec2.LaunchTemplate,
         checkpoint_bucket: s3.IBucket,
         removal_policy: RemovalPolicy,
+        log_retention: logs.RetentionDays,
     ) -> None:
         super().__init__(scope, construct_id)
         # The checkpoint bucket is part of the agreed signature but the workflow never
         # touches S3: checkpoints are referenced by the prefix recorded on the job row.
         del checkpoint_bucket
         self._removal_policy = removal_policy
+        self._log_retention = log_retention
         self.log_group = self._build_log_group()
         self.state_machine = self._build_state_machine(jobs_table, alerts_topic, launch_template)
         self._grant_table(jobs_table)
         self._grant_terminate()
+        self._grant_sweep()
         alerts_topic.grant_publish(self.state_machine)
         self._acknowledge_findings()
 
@@ -73,12 +76,16 @@ class ResumeWorkflow(Construct):
         stack = Stack.of(self)
         key.add_to_resource_policy(
             iam.PolicyStatement(
+                # What CloudWatch Logs calls on a log group's key, named one by one
+                # (AWS's example policy writes them as Encrypt*/Decrypt*/... wildcards).
                 actions=[
-                    "kms:Encrypt*",
-                    "kms:Decrypt*",
-                    "kms:ReEncrypt*",
-                    "kms:GenerateDataKey*",
-                    "kms:Describe*",
+                    "kms:Encrypt",
+                    "kms:Decrypt",
+                    "kms:ReEncryptFrom",
+                    "kms:ReEncryptTo",
+                    "kms:GenerateDataKey",
+                    "kms:GenerateDataKeyWithoutPlaintext",
+                    "kms:DescribeKey",
                 ],
                 principals=[iam.ServicePrincipal(f"logs.{stack.region}.amazonaws.com")],
                 resources=["*"],  # in a key policy, "*" means this key
@@ -98,7 +105,7 @@ class ResumeWorkflow(Construct):
             self,
             "Logs",
             encryption_key=key,
-            retention=logs.RetentionDays.THREE_MONTHS,
+            retention=self._log_retention,
             removal_policy=self._removal_policy,
         )
 
@@ -158,6 +165,18 @@ class ResumeWorkflow(Construct):
             )
         )
 
+    def _grant_sweep(self) -> None:
+        # After a failed recovery the workflow looks for a replacement that was launched
+        # but never recorded (tagged with the job and the next attempt) and terminates it.
+        # DescribeInstances has no resource-level permissions: "*" is the only resource.
+        self.state_machine.add_to_role_policy(
+            iam.PolicyStatement(
+                sid="FindStrayReplacements",
+                actions=["ec2:DescribeInstances"],
+                resources=["*"],
+            )
+        )
+
     def _acknowledge_findings(self) -> None:
         stack = Stack.of(self)
 
@@ -168,8 +187,9 @@ class ResumeWorkflow(Construct):
             self.state_machine,
             "AwsSolutions-IAM5",
             "Instance ids are unknown in advance: termination is limited to instances carrying "
-            "the trainctl:managed tag (aws:ResourceTag condition). Log delivery and X-Ray actions "
-            "have no resource-level permissions. kms:GenerateDataKey* is CDK's grant for "
+            "the trainctl:managed tag (aws:ResourceTag condition). ec2:DescribeInstances (a read, "
+            "used to find an unrecorded replacement after a failed recovery), log delivery and X-Ray "
+            "actions have no resource-level permissions. kms:GenerateDataKey* is CDK's grant for "
             "publishing to the KMS-encrypted alerts topic.",
             f"Resource::{ec2_arn('instance')}",
             "Resource::*",

@@ -26,15 +26,48 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Za-z][A-Za-z0-9]*)\}")
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = SPOT_NOTICE_SECONDS - 10
 DEFAULT_LAUNCH_ROUNDS = 3
 DEFAULT_LAUNCH_BACKOFF_SECONDS = 30
+# Throttling (RequestLimitExceeded) and EC2 server errors: the same RunInstances again after
+# 2, 4, 8 and 16 s (30 s in all, a quarter of the Spot notice), then the launch fails.
+DEFAULT_LAUNCH_RETRIES = 4
+DEFAULT_LAUNCH_RETRY_SECONDS = 2
+
+
+# The longest handshake an input may ask for (ValidateInput enforces the same bound): the
+# rest of the execution's hour is left for the launch rounds and the record.
+MAX_HANDSHAKE_TIMEOUT_SECONDS = 1800
 
 
 @dataclass(frozen=True)
 class WorkflowTuning:
-    """Numbers the ASL reads through substitutions (strings in the definition)."""
+    """Numbers the ASL reads through substitutions (strings in the definition).
+
+    `launch_rounds` rounds over every pool with `launch_backoff_seconds` (doubling) between
+    them; a throttled or server-failed RunInstances is repeated up to `launch_retries`
+    times, `launch_retry_seconds` (doubling) apart.
+    """
 
     handshake_timeout_seconds: int = DEFAULT_HANDSHAKE_TIMEOUT_SECONDS
     launch_rounds: int = DEFAULT_LAUNCH_ROUNDS
     launch_backoff_seconds: int = DEFAULT_LAUNCH_BACKOFF_SECONDS
+    launch_retries: int = DEFAULT_LAUNCH_RETRIES
+    launch_retry_seconds: int = DEFAULT_LAUNCH_RETRY_SECONDS
+
+    def __post_init__(self) -> None:
+        # The ASL reads these as whole numbers of seconds/rounds; a bad value would only
+        # show up as a failed execution in the middle of a recovery.
+        limits = {
+            "handshake_timeout_seconds": (1, MAX_HANDSHAKE_TIMEOUT_SECONDS),
+            "launch_rounds": (1, 10),
+            "launch_backoff_seconds": (1, 600),
+            "launch_retries": (0, 10),
+            "launch_retry_seconds": (1, 60),
+        }
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(
+                    f"WorkflowTuning.{name} must be a whole number from {low} to {high}, got {value!r}"
+                )
 
 
 def load_resume_definition() -> str:
@@ -67,6 +100,8 @@ def substitutions(
         "HandshakeTimeoutSeconds": str(tuning.handshake_timeout_seconds),
         "LaunchRounds": str(tuning.launch_rounds),
         "LaunchBackoffSeconds": str(tuning.launch_backoff_seconds),
+        "LaunchRetries": str(tuning.launch_retries),
+        "LaunchRetrySeconds": str(tuning.launch_retry_seconds),
     }
 
 

@@ -8,8 +8,10 @@ outputs the CLI reads (`describe_stacks`), under the names infra/stack.py define
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,13 +34,20 @@ from infra.workflows.render import WorkflowTuning, load_resume_definition, rende
 from trainctl.cli import app
 from trainctl.commands import stack as stack_mod
 from trainctl.commands.output import Deps
-from trainctl_core import jobs
+from trainctl_core import clients, jobs, settings
 from trainctl_core.jobs import CapacityPool, CheckpointRef, Job, JobSpec
-from trainctl_core.settings import JOBS_BY_INSTANCE_INDEX, JOBS_INSTANCE_ATTRIBUTE, JOBS_PARTITION_KEY
+from trainctl_core.settings import (
+    IDEMPOTENCY_PARTITION_KEY,
+    JOBS_BY_INSTANCE_INDEX,
+    JOBS_INSTANCE_ATTRIBUTE,
+    JOBS_PARTITION_KEY,
+)
 from trainctl_core.store import JobStore
 
 REGION = "us-east-1"
 STACK = "Trainctl"
+IDEMPOTENCY_TABLE = "trainctl-idempotency"
+CHECKPOINT_DOCUMENT = "trainctl-checkpoint"
 ALLOWED_TYPES = ["m5.large", "c5.xlarge", "g5.xlarge"]
 
 # Spot price history the patched moto EC2 returns: (type, zone) -> [(RFC 3339, USD/h)].
@@ -227,6 +236,14 @@ def _build_stack() -> Stack:
             }
         ],
     )
+    # The handlers' idempotency table: tests run the real interruption handler against
+    # this stack (the CLI itself never touches it).
+    ddb.create_table(
+        TableName=IDEMPOTENCY_TABLE,
+        BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": IDEMPOTENCY_PARTITION_KEY, "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": IDEMPOTENCY_PARTITION_KEY, "KeyType": "HASH"}],
+    )
     vpc_id = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
     zones = {}
     for i, az in enumerate("ab"):
@@ -252,7 +269,7 @@ def _build_stack() -> Stack:
         name="trainctl-resume", definition=definition, roleArn=role_arn
     )["stateMachineArn"]
     ssm.create_document(
-        Name="trainctl-checkpoint",
+        Name=CHECKPOINT_DOCUMENT,
         DocumentType="Command",
         DocumentFormat="JSON",
         Content=json.dumps(
@@ -298,7 +315,7 @@ def _build_stack() -> Stack:
         stack_mod.OUTPUT_CHECKPOINT_BUCKET: "trainctl-checkpoints",
         stack_mod.OUTPUT_STATE_MACHINE: state_machine_arn,
         stack_mod.OUTPUT_REPOSITORY_URI: repository_uri,
-        stack_mod.OUTPUT_CHECKPOINT_DOCUMENT: "trainctl-checkpoint",
+        stack_mod.OUTPUT_CHECKPOINT_DOCUMENT: CHECKPOINT_DOCUMENT,
         stack_mod.OUTPUT_FIS_TEMPLATE: fis_template,
         stack_mod.OUTPUT_SUBNETS: ",".join(zones),
         stack_mod.OUTPUT_INSTANCE_TYPES: ",".join(ALLOWED_TYPES),
@@ -334,6 +351,39 @@ def _build_stack() -> Stack:
         fis_template_id=fis_template,
         outputs=outputs,
     )
+
+
+@dataclass
+class LambdaContext:
+    """The attributes Powertools reads from a real Lambda context."""
+
+    function_name: str = "trainctl-interruption"
+    memory_limit_in_mb: int = 512
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:trainctl-interruption"
+    aws_request_id: str = "0f6c2b1e-7d7e-4a51-9a47-3d1c2b0e9f11"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 30_000
+
+
+@pytest.fixture
+def interruption_handler(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The real interruption handler module, wired to this stack as the CDK stack wires it."""
+    for name, value in {
+        settings.ENV_JOBS_TABLE: stack.table,
+        settings.ENV_IDEMPOTENCY_TABLE: IDEMPOTENCY_TABLE,
+        settings.ENV_CHECKPOINT_DOCUMENT: CHECKPOINT_DOCUMENT,
+        settings.ENV_RESUME_STATE_MACHINE_ARN: stack.state_machine_arn,
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings.get_settings.cache_clear()
+    clients.reset()
+    # Import anew: the module-scope wiring reads the settings above.
+    sys.modules.pop("functions.interruption.handler", None)
+    yield importlib.import_module("functions.interruption.handler")
+    sys.modules.pop("functions.interruption.handler", None)
+    settings.get_settings.cache_clear()
+    clients.reset()
 
 
 @dataclass

@@ -96,7 +96,7 @@ def main() -> None:
                 + "\n".join(line.rstrip() for line in submitted.stdout.rstrip().splitlines())
                 + "\n```"
             )
-            stack.wait_execution("resnet50-demo-0")
+            stack.wait_execution(jobs.execution_name("resnet50-demo", 0, jobs.InterruptionReason.LAUNCH))
             out["status_launching"] = session.run("status", "resnet50-demo")
 
             # The agent on the instance reports in, checkpoints and heartbeats.

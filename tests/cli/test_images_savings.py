@@ -276,7 +276,18 @@ def test_missing_credentials_and_profile_are_clear_errors(
 
 
 def render_help(cli: Cli) -> str:
-    commands = ["submit", "status", "list", "cancel", "logs", "interrupt", "build", "push", "savings"]
+    commands = [
+        "submit",
+        "status",
+        "list",
+        "cancel",
+        "logs",
+        "interrupt",
+        "build",
+        "push",
+        "savings",
+        "rehearse",
+    ]
     parts = [cli("--help").stdout] + [cli(c, "--help").stdout for c in commands]
     # Trailing padding is the terminal's, not the text's.
     return "\n".join(line.rstrip() for line in "\n".join(parts).splitlines()) + "\n"
@@ -294,5 +305,5 @@ def test_help_snapshot(cli: Cli) -> None:
     assert text == HELP_SNAPSHOT.read_text(), "help changed: review, then refresh (see docstring)"
     # Readable: fits 120 columns, every command explains itself.
     assert max(len(line) for line in text.splitlines()) <= 120
-    for command in ("submit", "savings", "cancel", "interrupt"):
+    for command in ("submit", "savings", "cancel", "interrupt", "rehearse"):
         assert command in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,13 @@ import boto3
 import pytest
 import yaml
 
-from tests.cli.conftest import REGION, Cli, Stack, utc
+from tests.cli.conftest import REGION, Cli, LambdaContext, Stack, utc
+from trainctl.commands.jobs import _execution_names
 from trainctl.commands.stack import Cloud
 from trainctl_core import jobs
 from trainctl_core.events import rule_patterns
-from trainctl_core.jobs import InterruptionReason, JobStatus
-from trainctl_core.workflow import ResumeStarter, resume_input
+from trainctl_core.jobs import CheckpointRef, InterruptionReason, JobStatus
+from trainctl_core.workflow import Handshake, ResumeStarter, resume_input
 
 
 def write_spec(tmp_path: Path, **changes: Any) -> Path:
@@ -69,8 +71,10 @@ def test_submit_creates_the_row_and_runs_the_launch_workflow(stack: Stack, cli: 
         "reason": "launch",
         "deadline": None,
     }
+    # The launch has its own name: `<job>-0` is the resume after attempt 0's loss.
+    assert submitted["execution_name"] == f"{job_id}-launch"
     # The real resume ASL accepts the input and launches attempt 0 in the stack's subnets.
-    assert stack.wait_execution(f"{job_id}-0")["status"] == "SUCCEEDED"
+    assert stack.wait_execution(f"{job_id}-launch")["status"] == "SUCCEEDED"
     status = cli("status", job_id, "--json").json()
     assert status["status"] == "LAUNCHING"
     assert status["attempt"] == 0
@@ -79,6 +83,89 @@ def test_submit_creates_the_row_and_runs_the_launch_workflow(stack: Stack, cli: 
     job = stack.store.get(job_id)
     assert job.spec.limits.max_interruptions == 3
     assert [p.subnet_id for p in job.spec.pools] == stack.subnets
+
+
+def test_a_spot_warning_for_the_launched_attempt_starts_its_resume(
+    stack: Stack, cli: Cli, tmp_path: Path, interruption_handler: Any, event_loader: Any
+) -> None:
+    # Given a job submitted with the CLI, whose launch workflow put attempt 0 on an
+    # instance, and whose agent reported in
+    job_id = "warned-at-zero"
+    submitted = cli("submit", "--spec", str(write_spec(tmp_path)), "--job-id", job_id, "--json")
+    assert submitted.exit_code == 0, submitted.stderr
+    launch = submitted.json()["execution_name"]
+    assert stack.wait_execution(launch)["status"] == "SUCCEEDED"
+    job = stack.store.get(job_id)
+    assert (job.status, job.attempt, job.instance_id is not None) == (JobStatus.LAUNCHING, 0, True)
+    assert job.instance_id is not None
+    job = stack.store.apply(jobs.mark_running(job, instance_id=job.instance_id, now=utc()))
+
+    # When EC2 warns that this instance is being reclaimed, and the real interruption
+    # handler gets the event
+    warning = event_loader(
+        "spot_interruption_warning",
+        id=str(uuid.uuid4()),
+        time=utc().strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **{"instance-id": job.instance_id},
+    )
+    response = interruption_handler.handler(warning, LambdaContext())
+
+    # Then the loss is recorded and a second execution, the resume `<job>-0`, runs
+    assert response["outcome"] == "resume_started"
+    assert (response["interruption_recorded"], response["execution_started"]) == (True, True)
+    interrupted = stack.store.get(job_id)
+    assert (interrupted.status, interrupted.attempt) == (JobStatus.INTERRUPTED, 0)
+    resume = f"{job_id}-0"
+    assert sorted(n for n in executions(stack) if n.startswith(job_id)) == sorted([launch, resume])
+    assert launch == f"{job_id}-launch"
+    arn = stack.state_machine_arn.replace(":stateMachine:", ":execution:") + f":{resume}"
+    described = stack.sfn.describe_execution(executionArn=arn)
+    assert described["status"] == "RUNNING"
+    document = json.loads(described["input"])
+    assert (document["reason"], document["attempt"], document["instance_id"]) == (
+        "spot-warning",
+        0,
+        job.instance_id,
+    )
+
+    # And when the agent's final checkpoint completes the workflow's handshake, the
+    # resume puts attempt 1 on a replacement, resuming from that checkpoint
+    deadline = time.monotonic() + 20
+    while not stack.store.raw(job_id).get("task_token") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    final = CheckpointRef(step=300, prefix=f"{job_id}/ckpt/300/", attempt=0, created_at=utc())
+    row = stack.store.record_checkpoint(
+        job_id, instance_id=job.instance_id, attempt=0, checkpoint=final, final=True
+    )
+    assert row.get("task_token_attempt") == 0
+    Handshake(stack.sfn).complete(
+        str(row["task_token"]),
+        {
+            "checkpoint": {
+                "step": 300,
+                "prefix": final.prefix,
+                "attempt": 0,
+                "created_at": jobs.format_time(final.created_at),
+            }
+        },
+    )
+    assert stack.wait_execution(resume)["status"] == "SUCCEEDED"
+    replaced = stack.store.get(job_id)
+    assert (replaced.status, replaced.attempt) == (JobStatus.LAUNCHING, 1)
+    assert replaced.instance_id not in (None, job.instance_id)
+    assert replaced.resume_point is not None and replaced.resume_point.step == 300
+
+
+def test_cancel_finds_the_launch_and_the_resumes_of_its_job_only() -> None:
+    mine = _execution_names("job-1")
+
+    assert [name for name in ("job-1-launch", "job-1-0", "job-1-12") if mine.match(name)] == [
+        "job-1-launch",
+        "job-1-0",
+        "job-1-12",
+    ]
+    # Another job whose id starts the same way ("job-1-2"), and look-alikes, are not its own.
+    assert not any(mine.match(name) for name in ("job-1-2-launch", "job-1-2-0", "job-10", "job-1-x"))
 
 
 def test_submit_checks_the_spec_against_the_stack_and_creates_nothing(
@@ -107,6 +194,26 @@ def test_submit_that_cannot_start_the_workflow_leaves_no_orphan_row(
     job = stack.store.get("orphan-check")
     assert job.status == JobStatus.FAILED
     assert job.failure_reason is not None and "launch workflow did not start" in job.failure_reason
+
+
+def test_submit_of_a_reused_job_id_whose_launch_name_is_taken_says_so(
+    stack: Stack, cli: Cli, tmp_path: Path
+) -> None:
+    # Given a job whose launch has run, and whose row was then deleted by hand
+    spec = str(write_spec(tmp_path))
+    assert cli("submit", "--spec", spec, "--job-id", "reused-id").exit_code == 0
+    assert stack.wait_execution("reused-id-launch")["status"] == "SUCCEEDED"
+    stack.ddb.delete_item(TableName=stack.table, Key={"pk": {"S": "JOB#reused-id"}})
+
+    # When the same id is submitted again, Step Functions still holds the launch's name
+    result = cli("submit", "--spec", spec, "--job-id", "reused-id")
+
+    # Then nothing pretends to launch: a clear error, and the new row ends FAILED
+    assert result.exit_code == 1
+    assert "an execution named reused-id-launch already exists" in result.stderr
+    job = stack.store.get("reused-id")
+    assert job.status == JobStatus.FAILED
+    assert job.failure_reason is not None and "reused-id-launch" in job.failure_reason
 
 
 def test_submit_with_a_dockerfile_needs_the_pushed_image(stack: Stack, cli: Cli, tmp_path: Path) -> None:

@@ -43,12 +43,61 @@ PROD_CONTEXT: dict[str, Any] = {
 }
 
 
+def render(node: Any) -> Any:
+    """A template value with its references as text: `${Logical}`, `${Logical.Attr}`.
+
+    Fn::Join is flattened and a plain Fn::Sub string kept, so an ARN reads like the ARN
+    it becomes (`arn:${AWS::Partition}:logs:…:log-group:${AgentLogs…}:*`); other
+    intrinsics are kept as `<json>`. Lists and mappings are rendered item by item.
+    """
+    if isinstance(node, list):
+        return [render(item) for item in node]
+    if isinstance(node, dict):
+        if len(node) == 1:
+            ((key, arg),) = node.items()
+            if key == "Ref":
+                return f"${{{arg}}}"
+            if key == "Fn::GetAtt":
+                return f"${{{'.'.join(arg)}}}"
+            if key == "Fn::Join":
+                separator, parts = arg
+                return str(separator).join(str(render(part)) for part in parts)
+            if key == "Fn::Sub" and isinstance(arg, str):
+                return arg  # `${Name}` placeholders already read like the rest
+            if key.startswith("Fn::"):
+                return f"<{json.dumps(node, sort_keys=True)}>"
+        return {key: render(value) for key, value in node.items()}
+    return node
+
+
 @dataclass(frozen=True)
 class Synth:
     name: str
     outdir: Path
     template: Template
     json: dict[str, Any]
+    context: dict[str, Any]
+
+    @property
+    def explicit_env(self) -> bool:
+        return "trainctl:account" in self.context
+
+    @property
+    def partition(self) -> str:
+        return "aws" if self.explicit_env else "${AWS::Partition}"
+
+    @property
+    def region(self) -> str:
+        return str(self.context["trainctl:region"]) if self.explicit_env else "${AWS::Region}"
+
+    @property
+    def account(self) -> str:
+        return str(self.context["trainctl:account"]) if self.explicit_env else "${AWS::AccountId}"
+
+    def arn(self, service: str, resource: str, *, account: bool = True) -> str:
+        """`arn:<partition>:<service>:<region>:<account>:<resource>` as `render` shows it."""
+        owner = self.account if account else ""
+        return f"arn:{self.partition}:{service}:{self.region}:{owner}:{resource}"
 
     def resources(self, cfn_type: str) -> dict[str, dict[str, Any]]:
         return {k: v for k, v in self.json["Resources"].items() if v["Type"] == cfn_type}
@@ -71,7 +120,7 @@ def _synth(name: str, context: dict[str, Any], root: Path) -> Synth:
     app, stack = build_app(context, outdir=str(outdir), cloudformation_validation=False)
     app.synth()  # raises ValidationFailed on any unacknowledged cdk-nag finding
     template_json = json.loads((outdir / f"{stack.stack_name}.template.json").read_text())
-    return Synth(name, outdir, Template.from_json(template_json), template_json)
+    return Synth(name, outdir, Template.from_json(template_json), template_json, dict(context))
 
 
 @pytest.fixture(scope="session")

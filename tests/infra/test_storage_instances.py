@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aws_cdk.assertions import Match
-
 from infra.stack import (
     OUTPUT_AGENT_LOG_GROUP,
     OUTPUT_ALERTS_TOPIC,
@@ -25,8 +23,10 @@ from infra.stack import (
     OUTPUT_REPOSITORY_URI,
     OUTPUT_STATE_MACHINE,
 )
+from tests.infra.conftest import PROD_CONTEXT, render
 from trainctl import runtime_env
 from trainctl_core.settings import (
+    CHECKPOINT_MODES,
     IDEMPOTENCY_PARTITION_KEY,
     IDEMPOTENCY_TTL_ATTRIBUTE,
     JOBS_BY_INSTANCE_INDEX,
@@ -34,8 +34,12 @@ from trainctl_core.settings import (
     JOBS_PARTITION_KEY,
     SSM_PARAM_DEADLINE,
     SSM_PARAM_JOB_ID,
+    SSM_PARAM_MODE,
+    TAG_JOB_ID,
     TAG_MANAGED,
 )
+
+PROD_SUBNETS = tuple(PROD_CONTEXT["trainctl:subnet_ids"].split(","))
 
 
 def _statements(synth: Any, policy_logical_id_fragment: str) -> list[dict[str, Any]]:
@@ -64,12 +68,13 @@ def test_jobs_table_schema_matches_core_settings(any_synth: Any) -> None:
             "PointInTimeRecoverySpecification": {"PointInTimeRecoveryEnabled": True},
             "SSESpecification": {"SSEEnabled": True},
             "GlobalSecondaryIndexes": [
-                Match.object_like(
-                    {
-                        "IndexName": JOBS_BY_INSTANCE_INDEX,
-                        "KeySchema": [{"AttributeName": JOBS_INSTANCE_ATTRIBUTE, "KeyType": "HASH"}],
-                    }
-                )
+                {
+                    "IndexName": JOBS_BY_INSTANCE_INDEX,
+                    "KeySchema": [{"AttributeName": JOBS_INSTANCE_ATTRIBUTE, "KeyType": "HASH"}],
+                    # Keys only: the store re-reads the row consistently after the index hit,
+                    # and ALL would copy every heartbeat write of the row into the index.
+                    "Projection": {"ProjectionType": "KEYS_ONLY"},
+                }
             ],
         },
     )
@@ -85,10 +90,16 @@ def test_idempotency_table_expires_records(any_synth: Any) -> None:
     )
 
 
+def _checkpoint_bucket(synth: Any) -> dict[str, Any]:
+    return dict(
+        synth.resources("AWS::S3::Bucket")[synth.logical_id("CheckpointBucket", "AWS::S3::Bucket")][
+            "Properties"
+        ]
+    )
+
+
 def test_checkpoint_bucket_is_private_versioned_and_expires_junk(default_synth: Any) -> None:
-    bucket = default_synth.resources("AWS::S3::Bucket")[
-        default_synth.logical_id("CheckpointBucket", "AWS::S3::Bucket")
-    ]["Properties"]
+    bucket = _checkpoint_bucket(default_synth)
     assert bucket["PublicAccessBlockConfiguration"] == {
         "BlockPublicAcls": True,
         "BlockPublicPolicy": True,
@@ -100,10 +111,50 @@ def test_checkpoint_bucket_is_private_versioned_and_expires_junk(default_synth: 
         "ServerSideEncryptionByDefault"
     ] == {"SSEAlgorithm": "AES256"}
     rules = {r["Id"]: r for r in bucket["LifecycleConfiguration"]["Rules"]}
-    assert rules["abort-incomplete-uploads"]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
-    assert rules["expire-old-checkpoints"]["ExpirationInDays"] == 30
-    assert rules["expire-noncurrent-versions"]["NoncurrentVersionExpiration"] == {"NoncurrentDays": 7}
+    assert rules == {
+        "abort-incomplete-uploads": {
+            "Id": "abort-incomplete-uploads",
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+            "Status": "Enabled",
+        },
+        "expire-noncurrent-versions": {
+            "Id": "expire-noncurrent-versions",
+            "NoncurrentVersionExpiration": {"NoncurrentDays": 7},
+            "ExpiredObjectDeleteMarker": True,
+            "Status": "Enabled",
+        },
+    }
     assert "LoggingConfiguration" in bucket
+
+
+def test_current_checkpoints_never_expire_by_age_by_default(any_synth: Any) -> None:
+    # A paused job's newest checkpoint can be the oldest object in the bucket, and an age
+    # rule deletes a checkpoint's files before its (younger) manifest: retention belongs
+    # to the Checkpointer (keep N), so no rule may expire current objects by default.
+    for rule in _checkpoint_bucket(any_synth)["LifecycleConfiguration"]["Rules"]:
+        assert not {"ExpirationInDays", "ExpirationDate"} & set(rule), rule
+
+
+def test_checkpoint_expiry_by_age_is_opt_in() -> None:
+    from aws_cdk import App, Stack
+    from aws_cdk.assertions import Template
+
+    from infra.app import cdk_json_context
+    from infra.config import TrainctlConfig
+    from infra.constructs.storage import Storage
+
+    # Given a deployment that asks for it explicitly (the storage construct alone is enough)
+    stack = Stack(App(context=cdk_json_context()), "OptIn")
+    Storage(stack, "Storage", config=TrainctlConfig.from_context({"trainctl:checkpoint_expiry_days": 45}))
+    # Then current checkpoints expire after that many days, on top of the junk rules
+    (bucket,) = [
+        b["Properties"]
+        for b in Template.from_stack(stack).to_json()["Resources"].values()
+        if b["Type"] == "AWS::S3::Bucket" and "VersioningConfiguration" in b["Properties"]
+    ]
+    rules = {r["Id"]: r for r in bucket["LifecycleConfiguration"]["Rules"]}
+    assert rules["expire-old-checkpoints"]["ExpirationInDays"] == 45
+    assert {"abort-incomplete-uploads", "expire-noncurrent-versions"} < set(rules)
 
 
 def test_buckets_deny_plain_http(any_synth: Any) -> None:
@@ -160,16 +211,20 @@ def test_security_group_has_no_ingress(any_synth: Any) -> None:
     assert not any_synth.resources("AWS::EC2::SecurityGroupIngress")
 
 
-def test_checkpoint_document_takes_job_id_and_deadline(any_synth: Any) -> None:
+def test_checkpoint_document_takes_job_id_deadline_and_mode(any_synth: Any) -> None:
     doc = any_synth.one("AWS::SSM::Document")["Properties"]
     assert doc["DocumentType"] == "Command"
     content = doc["Content"]
-    assert set(content["parameters"]) == {SSM_PARAM_JOB_ID, SSM_PARAM_DEADLINE}
-    assert all("allowedPattern" in p for p in content["parameters"].values())
+    parameters = content["parameters"]
+    assert set(parameters) == {SSM_PARAM_JOB_ID, SSM_PARAM_DEADLINE, SSM_PARAM_MODE}
+    # Every parameter is validated by SSM before it reaches the shell.
+    assert all("allowedPattern" in parameters[p] for p in (SSM_PARAM_JOB_ID, SSM_PARAM_DEADLINE))
+    assert parameters[SSM_PARAM_MODE]["allowedValues"] == list(CHECKPOINT_MODES)
+    assert parameters[SSM_PARAM_MODE]["default"] == "stop"  # an older sender keeps the old meaning
     (step,) = content["mainSteps"]
     assert step["inputs"]["runCommand"] == [
         f"/usr/local/bin/trainctl checkpoint-now --job-id {{{{{SSM_PARAM_JOB_ID}}}}} "
-        f"--deadline {{{{{SSM_PARAM_DEADLINE}}}}}"
+        f"--deadline {{{{{SSM_PARAM_DEADLINE}}}}} --mode {{{{{SSM_PARAM_MODE}}}}}"
     ]
 
 
@@ -186,20 +241,106 @@ def test_new_vpc_only_without_context_ids(default_synth: Any, prod_synth: Any) -
     )
 
 
+def _normalised(statements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Statements with references rendered and single actions/resources as lists, sorted."""
+    out = []
+    for statement in statements:
+        item = render(statement)
+        for key in ("Action", "Resource"):
+            item[key] = sorted(_as_list(item[key]))
+        out.append(item)
+    return sorted(out, key=lambda s: json.dumps(s, sort_keys=True))
+
+
+_AGENT_ASSET = re.compile(r"^[0-9a-f]{64}\.zip$")
+
+
 def test_instance_role_least_privilege(any_synth: Any) -> None:
-    role = any_synth.resources("AWS::IAM::Role")[any_synth.logical_id("InstanceRole", "AWS::IAM::Role")]
-    managed = role["Properties"]["ManagedPolicyArns"]
+    role_id = any_synth.logical_id("InstanceRole", "AWS::IAM::Role")
+    role = any_synth.resources("AWS::IAM::Role")[role_id]["Properties"]
+    managed = role["ManagedPolicyArns"]
     assert len(managed) == 1 and "AmazonSSMManagedInstanceCore" in str(managed[0])
-    statements = _statements(any_synth, "InstancesInstanceRoleDefaultPolicy")
-    objects = _by_sid(statements, "CheckpointObjects")
-    assert objects["Resource"]["Fn::Join"][1][-1] == "/*/ckpt/*"
-    rows = _by_sid(statements, "UpdateJobRowsOnly")
-    assert sorted(rows["Action"]) == ["dynamodb:GetItem", "dynamodb:UpdateItem"]
-    assert rows["Condition"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["JOB#*"]}}
-    agent = _by_sid(statements, "ReadAgentSource")
-    assert agent["Action"] == "s3:GetObject" and "*" not in str(agent["Resource"])
-    pull = [s for s in statements if "ecr:BatchGetImage" in s["Action"]]
-    assert pull and "*" not in str(pull[0]["Resource"])
+    assert "Policies" not in role
+    attached = [
+        p["Properties"]["PolicyDocument"]["Statement"]
+        for p in any_synth.resources("AWS::IAM::Policy").values()
+        if {"Ref": role_id} in p["Properties"]["Roles"]
+    ]
+    statements = _normalised([s for policy in attached for s in policy])
+
+    # The agent source object is named by its content hash: check its shape, then pin it.
+    (agent,) = [s for s in statements if s.get("Sid") == "ReadAgentSource"]
+    bucket, _, key = agent["Resource"][0].partition(":s3:::")[2].partition("/")
+    assert bucket == f"cdk-hnb659fds-assets-{any_synth.account}-{any_synth.region}", bucket
+    assert _AGENT_ASSET.fullmatch(key), key
+
+    ids = {
+        name: any_synth.logical_id(fragment, cfn_type)
+        for name, (fragment, cfn_type) in {
+            "bucket": ("CheckpointBucket", "AWS::S3::Bucket"),
+            "table": ("JobsTable", "AWS::DynamoDB::Table"),
+            "repo": ("TrainingImages", "AWS::ECR::Repository"),
+            "logs": ("AgentLogs", "AWS::Logs::LogGroup"),
+            "machine": ("ResumeStateMachine", "AWS::StepFunctions::StateMachine"),
+        }.items()
+    }
+    # Everything a training instance's credentials can do besides the SSM agent's managed
+    # policy. A new action (s3:DeleteObjectVersion, dynamodb:PutItem), a wider resource or
+    # a dropped condition fails here.
+    expected: list[dict[str, Any]] = [
+        {
+            "Sid": "CheckpointObjects",
+            "Effect": "Allow",
+            "Action": ["s3:AbortMultipartUpload", "s3:DeleteObject", "s3:GetObject", "s3:PutObject"],
+            "Resource": [f"${{{ids['bucket']}.Arn}}/*/ckpt/*"],
+        },
+        {
+            "Sid": "ListCheckpoints",
+            "Effect": "Allow",
+            "Action": ["s3:ListBucket"],
+            "Resource": [f"${{{ids['bucket']}.Arn}}"],
+            "Condition": {"StringLike": {"s3:prefix": ["*/ckpt/*"]}},
+        },
+        {
+            "Sid": "UpdateJobRowsOnly",
+            "Effect": "Allow",
+            "Action": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+            "Resource": [f"${{{ids['table']}.Arn}}"],
+            "Condition": {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["JOB#*"]}},
+        },
+        {
+            "Effect": "Allow",
+            "Action": ["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
+            "Resource": [f"${{{ids['repo']}.Arn}}"],
+        },
+        # No resource-level permissions exist for the registry login token.
+        {"Effect": "Allow", "Action": ["ecr:GetAuthorizationToken"], "Resource": ["*"]},
+        {
+            "Sid": "CreateAgentLogStreams",
+            "Effect": "Allow",
+            "Action": ["logs:CreateLogStream"],
+            "Resource": [f"${{{ids['logs']}.Arn}}"],
+        },
+        {
+            "Sid": "ShipAgentLogs",
+            "Effect": "Allow",
+            "Action": ["logs:PutLogEvents"],
+            "Resource": [any_synth.arn("logs", f"log-group:${{{ids['logs']}}}:log-stream:*")],
+        },
+        {
+            "Sid": "ReadAgentSource",
+            "Effect": "Allow",
+            "Action": ["s3:GetObject"],
+            "Resource": [f"arn:{any_synth.partition}:s3:::{bucket}/{key}"],
+        },
+        {
+            "Sid": "CheckpointHandshake",
+            "Effect": "Allow",
+            "Action": ["states:SendTaskFailure", "states:SendTaskHeartbeat", "states:SendTaskSuccess"],
+            "Resource": [f"${{{ids['machine']}}}"],
+        },
+    ]
+    assert statements == _normalised(expected)
 
 
 def test_handshake_permissions_are_a_separate_policy(any_synth: Any) -> None:
@@ -215,33 +356,137 @@ def test_handshake_permissions_are_a_separate_policy(any_synth: Any) -> None:
     }
 
 
-def test_workflow_may_launch_only_from_our_template(prod_synth: Any) -> None:
-    statements = _statements(prod_synth, "ResumeStateMachineRoleDefaultPolicy")
-    template_id = prod_synth.logical_id("LaunchTemplate", "AWS::EC2::LaunchTemplate")
-    run = _by_sid(statements, "RunTaggedInstancesFromTemplate")
-    assert run["Action"] == "ec2:RunInstances"
-    assert run["Condition"]["StringEquals"] == {
-        "ec2:InstanceType": ["g5.xlarge", "p4d.24xlarge"],
-        f"aws:RequestTag/{TAG_MANAGED}": "true",
-    }
-    assert template_id in str(run["Condition"]["ArnEquals"]["ec2:LaunchTemplate"])
-    # IAM allows the union of statements: a second RunInstances grant on instances without
-    # the type/tag conditions would silently widen the one above.
-    instance_grants = [
-        s
-        for s in statements
-        if "ec2:RunInstances" in _as_list(s["Action"]) and ":instance/" in json.dumps(s["Resource"])
+def _workflow_statements(synth: Any) -> list[dict[str, Any]]:
+    return _statements(synth, "ResumeStateMachineRoleDefaultPolicy")
+
+
+def test_workflow_may_launch_only_from_our_template(any_synth: Any) -> None:
+    # Every RunInstances / CreateTags / PassRole statement the workflow has, in full: IAM
+    # allows the union of statements, so a second, looser one anywhere would widen these.
+    launch_actions = {"ec2:RunInstances", "ec2:CreateTags", "iam:PassRole"}
+    statements = _normalised(
+        [s for s in _workflow_statements(any_synth) if launch_actions & set(_as_list(s["Action"]))]
+    )
+    template = any_synth.arn(
+        "ec2", f"launch-template/${{{any_synth.logical_id('LaunchTemplate', 'AWS::EC2::LaunchTemplate')}}}"
+    )
+    from_template = {"ArnEquals": {"ec2:LaunchTemplate": template}}
+    if any_synth.explicit_env:
+        subnets = list(PROD_SUBNETS)
+    else:  # the new VPC's subnets, by reference
+        subnets = [f"${{{k}}}" for k in sorted(any_synth.resources("AWS::EC2::Subnet"))]
+    security_group = any_synth.logical_id("InstanceSecurityGroup", "AWS::EC2::SecurityGroup")
+    types = (
+        ["g5.xlarge", "p4d.24xlarge"]
+        if any_synth.explicit_env
+        else ["g5.xlarge", "g5.2xlarge", "g6.xlarge", "g6.2xlarge"]
+    )
+    expected: list[dict[str, Any]] = [
+        {
+            "Sid": "RunTaggedInstancesFromTemplate",
+            "Effect": "Allow",
+            "Action": ["ec2:RunInstances"],
+            "Resource": [any_synth.arn("ec2", "instance/*")],
+            "Condition": {
+                **from_template,
+                "StringEquals": {"ec2:InstanceType": types, f"aws:RequestTag/{TAG_MANAGED}": "true"},
+                "Null": {f"aws:RequestTag/{TAG_JOB_ID}": "false"},
+            },
+        },
+        {
+            "Sid": "RunInstancesResourcesViaTemplate",
+            "Effect": "Allow",
+            "Action": ["ec2:RunInstances"],
+            "Resource": [
+                template,
+                *(
+                    any_synth.arn("ec2", f"{r}/*")
+                    for r in ("network-interface", "spot-instances-request", "volume")
+                ),
+            ],
+            "Condition": from_template,
+        },
+        {
+            # Chosen per capacity pool by the workflow (SubnetId in the call), so not a
+            # template resource: pinned by ARN to the deployment's subnets instead.
+            "Sid": "IntoOurSubnetsOnly",
+            "Effect": "Allow",
+            "Action": ["ec2:RunInstances"],
+            "Resource": [any_synth.arn("ec2", f"subnet/{subnet}") for subnet in subnets],
+            "Condition": from_template,
+        },
+        {
+            # Named by the template and never overridden: another AMI or security group in
+            # the call is refused (ec2:IsLaunchTemplateResource).
+            "Sid": "TemplateImageAndSecurityGroup",
+            "Effect": "Allow",
+            "Action": ["ec2:RunInstances"],
+            "Resource": [
+                any_synth.arn("ec2", "image/*", account=False),
+                any_synth.arn("ec2", f"security-group/${{{security_group}.GroupId}}"),
+            ],
+            "Condition": {**from_template, "Bool": {"ec2:IsLaunchTemplateResource": "true"}},
+        },
+        {
+            "Sid": "TagOnLaunchOnly",
+            "Effect": "Allow",
+            "Action": ["ec2:CreateTags"],
+            "Resource": [
+                any_synth.arn("ec2", f"{r}/*")
+                for r in ("instance", "volume", "network-interface", "spot-instances-request")
+            ],
+            "Condition": {"StringEquals": {"ec2:CreateAction": "RunInstances"}},
+        },
+        {
+            "Sid": "PassInstanceRoleToEc2",
+            "Effect": "Allow",
+            "Action": ["iam:PassRole"],
+            "Resource": [f"${{{any_synth.logical_id('InstanceRole', 'AWS::IAM::Role')}.Arn}}"],
+            "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
+        },
     ]
-    assert instance_grants == [run]
-    others = _by_sid(statements, "RunInstancesResourcesViaTemplate")
-    assert template_id in str(others["Condition"]["ArnEquals"]["ec2:LaunchTemplate"])
-    tags = _by_sid(statements, "TagOnLaunchOnly")
-    assert tags["Condition"] == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
-    passrole = _by_sid(statements, "PassInstanceRoleToEc2")
-    assert passrole["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
-    assert passrole["Resource"] == {
-        "Fn::GetAtt": [prod_synth.logical_id("InstanceRole", "AWS::IAM::Role"), "Arn"]
-    }
+    assert statements == _normalised(expected)
+
+
+def test_launches_use_only_the_deployment_subnets_and_security_group(any_synth: Any) -> None:
+    # The ARNs the grant pins are the subnets the workflow is told about (stack output)
+    # and the group the launch template names.
+    (subnet_grant,) = [s for s in _workflow_statements(any_synth) if s.get("Sid") == "IntoOurSubnetsOnly"]
+    granted = {render(r).rsplit("/", 1)[1] for r in _as_list(subnet_grant["Resource"])}
+    output = render(any_synth.json["Outputs"]["SubnetIds"]["Value"])
+    assert granted == set(output.split(","))
+    data = any_synth.one("AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]
+    (group,) = data["SecurityGroupIds"]
+    (image_and_group,) = [
+        s for s in _workflow_statements(any_synth) if s.get("Sid") == "TemplateImageAndSecurityGroup"
+    ]
+    (granted_group,) = [r for r in render(image_and_group["Resource"]) if ":security-group/" in r]
+    assert granted_group.endswith(f":security-group/{render(group)}")
+
+
+def test_workflow_terminates_only_managed_instances(any_synth: Any) -> None:
+    # The construct's grant (workflow.py) as deployed: every TerminateInstances statement
+    # is limited to instances carrying trainctl:managed=true.
+    terminate = [
+        s for _, s in _all_policy_statements(any_synth) if "ec2:TerminateInstances" in _as_list(s["Action"])
+    ]
+    assert terminate, "the workflow must be able to terminate a failed job's instance"
+    for statement in terminate:
+        assert statement["Effect"] == "Allow"
+        assert _as_list(statement["Action"]) == ["ec2:TerminateInstances"]
+        assert render(statement["Resource"]) == any_synth.arn("ec2", "instance/*")
+        assert statement["Condition"] == {"StringEquals": {f"aws:ResourceTag/{TAG_MANAGED}": "true"}}
+
+
+def _all_policy_statements(synth: Any) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for logical_id, res in synth.json["Resources"].items():
+        if res["Type"] == "AWS::IAM::Policy":
+            out += [(logical_id, s) for s in res["Properties"]["PolicyDocument"]["Statement"]]
+        if res["Type"] == "AWS::IAM::Role":
+            for policy in res["Properties"].get("Policies", []):
+                out += [(logical_id, s) for s in policy["PolicyDocument"]["Statement"]]
+    return out
 
 
 def test_outputs_for_the_cli(any_synth: Any) -> None:
@@ -597,10 +842,22 @@ def test_user_data_runs_a_job_image_with_the_agent_as_entrypoint(default_synth: 
     assert argv[argv.index(image) + 1 :] == ["--staging-dir", boot.env[runtime_env.STAGING_DIR]]
     assert f"{boot.root}/run/trainctl:{boot.root}/run/trainctl" in argv
     _never_restarts(boot)
-    # The host powers off after a success only (a container cannot)
+    # The host powers off when the agent (a container cannot) left its marker: after any
+    # terminal outcome, failures included; not after a notice or a stop from outside.
     (after,) = boot.unit["ExecStopPost"]
-    for result, shut_down in (("success", True), ("exit-code", False)):
-        log = tmp_path / f"after-{result}.log"
+    marker = boot.root / "run/trainctl/shutdown-requested"
+    assert not marker.exists()  # none left over from before this boot
+    for result, left, shut_down in (
+        ("success", True, True),
+        ("exit-code", True, True),
+        ("success", False, False),
+        ("signal", False, False),
+    ):
+        if left:
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
+        log = tmp_path / f"after-{result}-{left}.log"
         env = {"PATH": str(boot.stubs), "LOG": str(log), "SERVICE_RESULT": result}
         assert subprocess.run([after], env=env, check=False).returncode == 0
         assert (log.exists() and log.read_text() == "shutdown -h now\n") is shut_down

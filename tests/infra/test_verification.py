@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,3 +206,37 @@ def test_pinned_cli_synthesizes_offline(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "Trainctl.template.json").is_file()
     assert shutil.which("node")
+
+
+# --- the idle cost the docs state ------------------------------------------------------
+
+_NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
+
+
+def _count(pattern: str, text: str) -> int:
+    found = re.search(pattern, text)
+    assert found, pattern
+    word = found.group(1)
+    return int(word) if word.isdigit() else _NUMBERS[word.lower()]
+
+
+def test_docs_count_the_resources_that_bill_at_idle(default_synth: Any) -> None:
+    # What costs money while nothing runs: customer KMS keys, alarms, dashboards. The
+    # deploy guide and the README must count what the stack really creates.
+    counts = {t: len(default_synth.resources(t)) for t in ("AWS::KMS::Key", "AWS::CloudWatch::Alarm")}
+    composite = len(default_synth.resources("AWS::CloudWatch::CompositeAlarm"))
+    dashboards = len(default_synth.resources("AWS::CloudWatch::Dashboard"))
+    deploy = (REPO_ROOT / "docs" / "DEPLOY.md").read_text()
+    assert _count(r"\| (\d+) KMS customer keys?", deploy) == counts["AWS::KMS::Key"]
+    assert _count(r"\| (\d+) metric alarms", deploy) == counts["AWS::CloudWatch::Alarm"]
+    assert _count(r"\+ (\d+) composite alarms?", deploy) == composite
+    assert _count(r"\| (\d+) dashboards?", deploy) == dashboards
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    assert (
+        _count(r"idle it costs about \$\d+ a month\*\*: (\w+) KMS keys?", readme) == counts["AWS::KMS::Key"]
+    )
+    assert _count(r"(\w+) alarms and a composite one", readme) == counts["AWS::CloudWatch::Alarm"]
+    # $1 per key, $0.10 per metric alarm, $0.50 per composite alarm (us-east-1 list prices)
+    monthly = counts["AWS::KMS::Key"] * 1.0 + counts["AWS::CloudWatch::Alarm"] * 0.10 + composite * 0.50
+    assert f"about ${round(monthly)} a month" in readme
+    assert f"about ${round(monthly)} a month" in " ".join(deploy.split())

@@ -141,9 +141,10 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
             DocumentType="Command",
             DocumentFormat="JSON",
             Content='{"schemaVersion": "2.2", "description": "checkpoint now", "parameters": '
-            '{"JobId": {"type": "String"}, "Deadline": {"type": "String"}}, "mainSteps": '
-            '[{"action": "aws:runShellScript", "name": "checkpoint", "inputs": {"runCommand": '
-            '["trainctl checkpoint-now --job-id {{JobId}} --deadline {{Deadline}}"]}}]}',
+            '{"JobId": {"type": "String"}, "Deadline": {"type": "String"}, '
+            '"Mode": {"type": "String", "allowedValues": ["stop", "continue"], "default": "stop"}}, '
+            '"mainSteps": [{"action": "aws:runShellScript", "name": "checkpoint", "inputs": {"runCommand": '
+            '["trainctl checkpoint-now --job-id {{JobId}} --deadline {{Deadline}} --mode {{Mode}}"]}}]}',
         )
         # The handlers only start executions; the workflow's own behaviour is executed
         # from the deployed ASL in tests/workflow.

@@ -11,6 +11,9 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
 )
 
+from tests.integration.conftest import recent
+from trainctl_core.errors import CheckpointRequestFailed
+from trainctl_core.handling import MalformedEvent
 from trainctl_core.jobs import InterruptionReason, JobStatus
 
 
@@ -34,7 +37,11 @@ def test_warning_checkpoints_records_and_starts_one_resume(env, interruption, co
     [command] = env.ssm_commands()
     assert command["DocumentName"] == "trainctl-checkpoint"
     assert command["InstanceIds"] == [env.instance_id]
-    assert command["Parameters"] == {"JobId": [env.job_id], "Deadline": ["2026-12-03T12:02:00.000Z"]}
+    assert command["Parameters"] == {
+        "JobId": [env.job_id],
+        "Deadline": ["2026-12-03T12:02:00.000Z"],
+        "Mode": ["stop"],  # the training process ends after this checkpoint
+    }
     # ... the loss is recorded on the job row ...
     job = env.store.get(env.job_id)
     assert job.status == JobStatus.INTERRUPTED
@@ -131,9 +138,7 @@ def test_malformed_warning_raises_and_touches_nothing(env, interruption, context
     before = env.add_job()
     event = {**event_loader("spot_interruption_warning"), **broken}
 
-    with pytest.raises(
-        interruption.MalformedEvent if hasattr(interruption, "MalformedEvent") else Exception
-    ) as info:
+    with pytest.raises(MalformedEvent) as info:
         deliver(interruption, event, context)
 
     assert "malformed" in str(info.value)
@@ -170,7 +175,10 @@ def test_ssm_failure_does_not_stop_the_resume(env, interruption, context, event_
     assert len(env.executions()) == 1
 
 
-def test_unexpected_ssm_error_raises_so_lambda_retries(env, interruption, context, event_loader, monkeypatch):
+def test_a_refused_checkpoint_request_does_not_stop_the_resume(
+    env, interruption, context, event_loader, monkeypatch, caplog
+):
+    # Given SSM refuses the command (a permissions problem: it repeats on every try)
     from moto.ssm.models import SimpleSystemManagerBackend
 
     def denied(self: Any, **kwargs: Any) -> Any:
@@ -178,14 +186,90 @@ def test_unexpected_ssm_error_raises_so_lambda_retries(env, interruption, contex
 
     monkeypatch.setattr(SimpleSystemManagerBackend, "send_command", denied)
     env.add_job()
-    event = event_loader("spot_interruption_warning")
 
-    with pytest.raises(Exception, match="AccessDenied"):
+    # When the warning arrives
+    response = deliver(interruption, event_loader("spot_interruption_warning", time=recent()), context)
+
+    # Then the loss is recorded and the resume starts anyway, without a retry (it could
+    # not help), and the refusal is logged as an error for a human to fix
+    assert response["outcome"] == "resume_started"
+    assert (response["checkpoint_requested"], response["interruption_recorded"]) == (False, True)
+    assert response["execution_started"] is True
+    assert "AccessDeniedException" in response["checkpoint_error"]
+    job = env.store.get(env.job_id)
+    assert job.status == JobStatus.INTERRUPTED
+    assert job.interruptions[0].checkpoint_requested is False
+    assert [e["name"] for e in env.executions()] == [f"{env.job_id}-0"]
+    [logged] = [r for r in caplog.records if r.getMessage().startswith("checkpoint request not delivered")]
+    assert (logged.levelname, logged.code, logged.retryable) == ("ERROR", "AccessDeniedException", False)
+
+
+@pytest.fixture
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore retries throttling a few times with jittered backoff: skip the sleeps."""
+    from botocore.retries.standard import ExponentialBackoff
+
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0)
+
+
+def test_a_throttled_checkpoint_request_records_resumes_then_retries(
+    env, interruption, context, event_loader, monkeypatch, no_backoff
+):
+    # Given SSM throttles every send (botocore's own retries included)
+    from moto.ssm.models import SimpleSystemManagerBackend
+
+    original = SimpleSystemManagerBackend.send_command
+
+    def throttled(self: Any, **kwargs: Any) -> Any:
+        raise ssm_error("ThrottlingException")
+
+    monkeypatch.setattr(SimpleSystemManagerBackend, "send_command", throttled)
+    env.add_job()
+    event = event_loader("spot_interruption_warning", time=recent())
+
+    # When the warning arrives, the invocation fails so that Lambda retries it ...
+    with pytest.raises(CheckpointRequestFailed, match="ThrottlingException") as info:
         deliver(interruption, event, context)
-    # Nothing half-done, and the idempotency record was released, so the retry works.
-    assert env.store.get(env.job_id).status == JobStatus.RUNNING
-    monkeypatch.undo()
-    assert deliver(interruption, event, context)["outcome"] == "resume_started"
+    assert info.value.retryable
+    # ... but only after the loss was recorded and the resume started
+    job = env.store.get(env.job_id)
+    assert job.status == JobStatus.INTERRUPTED
+    assert job.interruptions[0].checkpoint_requested is False
+    assert [e["name"] for e in env.executions()] == [f"{env.job_id}-0"]
+    assert env.ssm_commands() == []
+
+    # When Lambda retries the event and SSM answers again
+    monkeypatch.setattr(SimpleSystemManagerBackend, "send_command", original)
+    response = deliver(interruption, event, context)
+
+    # Then the checkpoint request goes out, and nothing else happens twice
+    assert response["outcome"] == "resume_started"
+    assert response["checkpoint_requested"] is True
+    assert (response["interruption_recorded"], response["execution_started"]) == (False, False)
+    [command] = env.ssm_commands()
+    assert command["InstanceIds"] == [env.instance_id]
+    assert len(env.executions()) == 1
+    assert len(env.store.get(env.job_id).interruptions) == 1
+
+
+def test_a_throttled_request_after_the_notice_ran_out_is_not_retried(
+    env, interruption, context, event_loader, monkeypatch, no_backoff
+):
+    # Given a warning older than the two-minute notice (the instance is gone by now)
+    from moto.ssm.models import SimpleSystemManagerBackend
+
+    def throttled(self: Any, **kwargs: Any) -> Any:
+        raise ssm_error("ThrottlingException")
+
+    monkeypatch.setattr(SimpleSystemManagerBackend, "send_command", throttled)
+    env.add_job()
+
+    response = deliver(interruption, event_loader("spot_interruption_warning", time=recent(180)), context)
+
+    # Then there is nothing a retry could deliver: the handler succeeds
+    assert response["outcome"] == "resume_started" and response["execution_started"] is True
+    assert "ThrottlingException" in response["checkpoint_error"]
+    assert env.store.get(env.job_id).status == JobStatus.INTERRUPTED
 
 
 # --- rebalance recommendation ------------------------------------------------------------
@@ -199,6 +283,8 @@ def test_rebalance_asks_for_a_checkpoint_only(env, interruption, context, event_
     assert response["outcome"] == "checkpoint_requested"
     [command] = env.ssm_commands()
     assert command["InstanceIds"] == [env.instance_id]
+    # Checkpoint and keep training: the Spot warning may never come.
+    assert command["Parameters"]["Mode"] == ["continue"]
     assert env.executions() == []
     assert env.store.get(env.job_id).status == JobStatus.RUNNING
 
@@ -209,7 +295,8 @@ def test_rebalance_with_migrate_policy_resumes_early(env, interruption, context,
     response = deliver(interruption, event_loader("rebalance_recommendation"), context)
 
     assert response["outcome"] == "resume_started"
-    assert len(env.ssm_commands()) == 1
+    [command] = env.ssm_commands()
+    assert command["Parameters"]["Mode"] == ["stop"]  # migrating: the final checkpoint
     assert env.execution_input(f"{env.job_id}-0")["reason"] == "rebalance-migrate"
     assert env.store.get(env.job_id).interruptions[0].reason == InterruptionReason.REBALANCE_MIGRATE
 
@@ -221,7 +308,8 @@ def test_rebalance_then_warning_checkpoints_twice_resumes_once(env, interruption
     response = deliver(interruption, event_loader("spot_interruption_warning"), context)
 
     assert response["outcome"] == "resume_started"
-    assert len(env.ssm_commands()) == 2  # checkpoint on the risk, final checkpoint on the notice
+    # Checkpoint on the risk (training goes on), final checkpoint on the notice.
+    assert [c["Parameters"]["Mode"] for c in env.ssm_commands()] == [["continue"], ["stop"]]
     assert len(env.executions()) == 1
 
 
@@ -296,7 +384,9 @@ def test_warning_and_state_change_for_one_loss_act_once(
     assert env.execution_input(f"{env.job_id}-0")["reason"] == expected
 
 
-def test_late_event_about_a_replaced_instance_is_ignored(env, interruption, context, event_loader):
+def test_late_event_about_a_replaced_instance_is_ignored(
+    env, interruption, instance_state, context, event_loader
+):
     # Given the job already moved on to a replacement (attempt 1 on another instance)
     from trainctl_core import jobs
 
@@ -315,11 +405,11 @@ def test_late_event_about_a_replaced_instance_is_ignored(env, interruption, cont
 
     # When a late state-change about the old instance arrives
     late = event_loader("instance_state_terminated")
-    from trainctl_core.handling import report  # noqa: F401  (module loaded by the handler)
 
-    response = deliver(__import__("functions.instance_state.handler", fromlist=["handler"]), late, context)
+    response = deliver(instance_state, late, context)
 
-    # Then nothing about the new attempt changes
+    # Then nothing about the new attempt changes. (It is reported as unmanaged: the
+    # by-instance index only knows each job's current instance.)
     assert response["outcome"] == "ignored_unmanaged"
     after = env.store.get(env.job_id)
     assert (after.status, after.attempt, after.instance_id) == (

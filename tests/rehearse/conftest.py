@@ -23,9 +23,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.fspath)).parents:
-            # Every rehearsal starts moto, the agents and the trainings: the slow tier.
-            item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.timeout(300))
+            if {"run", "cli"} & set(getattr(item, "fixturenames", ())):
+                # Every rehearsal starts moto, the agents and the trainings: the slow tier.
+                item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 
 from tests.rehearse.conftest import assert_recovered
 from trainctl.rehearse.scenario import EXAMPLES_DIR, Options, RehearsalError, resolve_script
+from trainctl.rehearse.stack import REHEARSAL_CONTEXT, load_stack
 
 Run = Callable[..., dict[str, Any]]
 
@@ -39,6 +40,10 @@ def test_demo_scenario_passes_with_no_lost_steps_for_the_noticed_interruption(
     assert report["ssm_deliveries"] == 1  # the noticed interruption's only
     # Every replacement went to another pool than the one being reclaimed.
     assert all(d["replacement_pool"] != d["pool"] for d in report["interruption_details"])
+    # The pools are the instance types the synthesized stack allows (its rehearsal stage).
+    allowed = load_stack().allowed_instance_types
+    assert allowed == REHEARSAL_CONTEXT["trainctl:allowed_instance_types"].split(",")
+    assert {p["pool"].split("@")[0] for p in report["pools_tried"]} <= set(allowed)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -155,6 +160,9 @@ def test_burst_of_twenty_jobs_interrupted_at_once(run: Run) -> None:
         # trains ~20 s (sleep-bound), longer than the spread of their starts.
         at=[0.02],
         boot_seconds=0.5,
+        # A 30 s notice (a quarter of AWS's 120 s): twenty handlers, resume executions and
+        # final checkpoints all land in it, on two cores shared by forty processes and moto.
+        time_scale=0.25,
         environment={"TRAIN_STEPS": "400", "TRAIN_STEP_SECONDS": "0.05", "TRAIN_CHECKPOINT_EVERY": "50"},
     )
 
@@ -165,9 +173,35 @@ def test_burst_of_twenty_jobs_interrupted_at_once(run: Run) -> None:
     assert report["duplicate_replacements"] == 0
     assert report["identical"] is True
     assert all(job["status"] == "SUCCEEDED" for job in report["per_job"])
-    # All twenty warnings went out within one tick of each other.
-    noticed = [d["recovery_seconds"] for d in report["interruption_details"]]
-    assert len(noticed) == 20 and all(s is not None for s in noticed)
+    details = report["interruption_details"]
+    assert all(d["recovery_seconds"] is not None for d in details)
+    # All twenty warnings were issued in the same tick of the loop, within a second, far
+    # inside one notice period: the interruptions really overlapped.
+    assert len({d["tick"] for d in details}) == 1
+    noticed = [d["noticed_at"] for d in details]
+    assert max(noticed) - min(noticed) < 1.0 < report["notice_seconds"]
+    # Each warning's checkpoint command reached its own instance and no other.
+    assert report["ssm_deliveries"] == 20
+
+
+def test_rebalance_first_checkpoints_keeps_training_then_survives_the_warning(run: Run) -> None:
+    # A rebalance recommendation asks for a checkpoint but does not end training (the
+    # default policy, on_rebalance: checkpoint); the warning that follows takes the final one.
+    report = run(interruptions=1, rebalance_first=True)
+
+    assert_recovered(report, 1)
+    (detail,) = report["interruption_details"]
+    assert detail["kind"] == "rebalance+notice"
+    assert detail["rebalance_at"] < detail["noticed_at"]
+    # The rebalance's checkpoint was made durable, and training went on past it...
+    assert detail["rebalance_checkpoint_step"] is not None
+    assert detail["last_step"] > detail["rebalance_checkpoint_step"]
+    # ...until the warning, whose final checkpoint the replacement resumed from.
+    assert report["checkpoint_kinds"] == ["final"]
+    assert report["lost_steps"] == [0]
+    assert detail["resume_step"] == detail["last_step"]
+    # Two checkpoint commands, both to this instance: the rebalance's and the warning's.
+    assert report["ssm_deliveries"] == 2
 
 
 def test_the_torch_example_rehearses_too(run: Run) -> None:

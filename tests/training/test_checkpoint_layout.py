@@ -24,10 +24,17 @@ def _manifest(**overrides: object) -> ck.Manifest:
     return ck.Manifest.model_validate(data)
 
 
+def C(step: int, attempt: int = 0) -> ck.CheckpointId:
+    return ck.CheckpointId(step, attempt)
+
+
 def test_layout_matches_the_contract() -> None:
-    assert ck.checkpoint_prefix("job-1", 40) == "job-1/ckpt/000000000040/"
-    assert ck.step_of("job-1/ckpt/000000000040/") == 40
-    assert ck.step_of("job-1/ckpt/latest/") is None
+    # The attempt is in the key: two attempts never share a checkpoint's objects.
+    assert ck.checkpoint_prefix("job-1", C(40, 2)) == "job-1/ckpt/000000000040-a2/"
+    assert ck.checkpoint_id_of("job-1/ckpt/000000000040-a2/") == C(40, 2)
+    assert ck.checkpoint_id_of("job-1/ckpt/latest/") is None
+    # Newest first means: higher step, then (same step) the newer attempt.
+    assert sorted([C(5, 1), C(6, 0), C(5, 3)], reverse=True) == [C(6, 0), C(5, 3), C(5, 1)]
 
 
 def test_manifest_round_trip_has_contract_fields() -> None:
@@ -58,11 +65,15 @@ def test_unparseable_manifest_is_invalid(raw: bytes) -> None:
         ck.parse_manifest(raw)
 
 
-def test_manifest_under_the_wrong_step_or_job_is_invalid() -> None:
+def test_manifest_under_the_wrong_step_attempt_or_job_is_invalid() -> None:
     with pytest.raises(ck.InvalidManifest, match="step"):
         ck.parse_manifest(_manifest().to_json(), expect_step=41)
     with pytest.raises(ck.InvalidManifest, match="job"):
         ck.parse_manifest(_manifest().to_json(), expect_job_id="other")
+    # A manifest copied under another attempt's key does not describe that checkpoint.
+    with pytest.raises(ck.InvalidManifest, match="says attempt 2 but sits under attempt 3"):
+        ck.parse_manifest_at(_manifest().to_json(), C(40, 3), job_id="job-1")
+    assert ck.parse_manifest_at(_manifest().to_json(), C(40, 2), job_id="job-1") == _manifest()
 
 
 @pytest.mark.parametrize("path", ["/etc/passwd", "../x", "a//b", "manifest.json", ""])
@@ -72,29 +83,30 @@ def test_manifest_file_paths_must_be_relative(path: str) -> None:
 
 
 def test_select_newest_valid_skips_invalid_and_names_them() -> None:
-    reasons = {30: "bad hash", 20: None, 10: None}
-    selection = ck.select_newest_valid([10, 30, 20], reasons.__getitem__)
-    assert selection.step == 20
-    assert selection.skipped == [ck.Skipped(30, "bad hash")]
+    reasons = {C(30): "bad hash", C(20): None, C(10): None}
+    selection = ck.select_newest_valid([C(10), C(30), C(20)], reasons.__getitem__)
+    assert selection.checkpoint == C(20) and selection.step == 20
+    assert selection.skipped == [ck.Skipped(C(30), "bad hash")]
 
 
 def test_select_respects_the_resume_cap() -> None:
-    selection = ck.select_newest_valid([10, 20, 30], lambda s: None, at_most=25)
+    selection = ck.select_newest_valid([C(10), C(20), C(30)], lambda c: None, at_most=25)
     assert selection.step == 20
 
 
 def test_nothing_valid_explains_why() -> None:
-    selection = ck.select_newest_valid([1, 2], lambda s: "missing manifest")
+    selection = ck.select_newest_valid([C(1), C(2)], lambda c: "missing manifest")
     assert selection.step is None
-    assert "step 2: missing manifest" in selection.reason and "step 1" in selection.reason
-    assert ck.select_newest_valid([], lambda s: None).reason == "no checkpoint found"
+    assert "step 2 (attempt 0): missing manifest" in selection.reason and "step 1" in selection.reason
+    assert ck.select_newest_valid([], lambda c: None).reason == "no checkpoint found"
 
 
 def test_retention_keeps_newest_and_protected() -> None:
-    assert ck.retention_victims([1, 2, 3, 4, 5], keep=2) == [3, 2, 1]
-    assert ck.retention_victims([1, 2, 3, 4, 5], keep=2, protect=[2]) == [3, 1]
+    steps = [C(s) for s in (1, 2, 3, 4, 5)]
+    assert ck.retention_victims(steps, keep=2) == [C(3), C(2), C(1)]
+    assert ck.retention_victims(steps, keep=2, protect=[C(2)]) == [C(3), C(1)]
     with pytest.raises(ValueError):
-        ck.retention_victims([1], keep=0)
+        ck.retention_victims([C(1)], keep=0)
 
 
 def test_hash_file_streams_and_detects_changes(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -19,6 +19,10 @@ from trainctl_core import checkpoints as ck
 from .conftest import BUCKET
 
 
+def C(step: int, attempt: int = 0) -> ck.CheckpointId:
+    return ck.CheckpointId(step, attempt)
+
+
 def _state(seed: int, size: int = 50_000) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     return {
@@ -53,8 +57,10 @@ class SlowFlakyStorage:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def put_files(self, step: int, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]) -> None:
-        self.put_calls.append(step)
+    def put_files(
+        self, checkpoint: ck.CheckpointId, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]
+    ) -> None:
+        self.put_calls.append(checkpoint.step)
         if self.failures > 0:
             self.failures -= 1
             raise ConnectionError("could not connect to the endpoint URL (simulated)")
@@ -63,7 +69,7 @@ class SlowFlakyStorage:
             if cancelled():
                 return
             time.sleep(0.01)
-        self.inner.put_files(step, files, cancelled)
+        self.inner.put_files(checkpoint, files, cancelled)
 
 
 def test_local_round_trip_and_retention(tmp_path: Any) -> None:
@@ -76,7 +82,7 @@ def test_local_round_trip_and_retention(tmp_path: Any) -> None:
             ckpt.flush()
         assert ckpt.last_durable is not None and ckpt.last_durable.step == 30
     # Then the newest two remain and the newest restores exactly
-    assert ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1").list_steps() == [20, 30]
+    assert ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1").list_checkpoints() == [C(20), C(30)]
     with _local(tmp_path) as again:
         restored = again.restore()
         assert again.restored_step == 30
@@ -90,9 +96,9 @@ def test_s3_round_trip_files_then_manifest(tmp_path: Any, s3: Any) -> None:
     ) as ckpt:
         ckpt.save(_state(5), 5, extra={"epoch": 1})
         durable = ckpt.flush()
-    assert durable is not None and durable.prefix == "job-1/ckpt/000000000005/"
+    assert durable is not None and durable.prefix == "job-1/ckpt/000000000005-a3/"
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"])
-    assert keys == [f"job-1/ckpt/000000000005/{n}" for n in ("manifest.json", "state.bin", "state.pkl")]
+    assert keys == [f"job-1/ckpt/000000000005-a3/{n}" for n in ("manifest.json", "state.bin", "state.pkl")]
     manifest = ck.parse_manifest(s3.get_object(Bucket=BUCKET, Key=keys[0])["Body"].read())
     assert (manifest.attempt, manifest.instance_id, manifest.extra) == (3, "i-1", {"epoch": 1})
     with Checkpointer(storage, job_id="job-1", staging_dir=str(tmp_path / "st2"), attempt=3) as again:
@@ -110,7 +116,7 @@ def test_corrupt_newest_is_skipped_with_its_name(
         for step in (1, 2):
             ckpt.save(_state(step), step)
             ckpt.flush()
-    newest = tmp_path / "store" / "job-1" / "ckpt" / "000000000002"
+    newest = tmp_path / "store" / "job-1" / "ckpt" / "000000000002-a0"
     data = newest / "state.bin"
     if fault == "bad-hash":
         raw = bytearray(data.read_bytes())
@@ -135,10 +141,10 @@ def test_all_corrupt_starts_fresh_with_reason(tmp_path: Any) -> None:
     with _local(tmp_path) as ckpt:
         ckpt.save(_state(1), 1)
         ckpt.flush()
-    (tmp_path / "store" / "job-1" / "ckpt" / "000000000001" / "manifest.json").unlink()
+    (tmp_path / "store" / "job-1" / "ckpt" / "000000000001-a0" / "manifest.json").unlink()
     with _local(tmp_path) as again:
         assert again.restore() is None
-        assert again.fresh_reason and "step 1: missing manifest" in again.fresh_reason
+        assert again.fresh_reason and "step 1 (attempt 0): missing manifest" in again.fresh_reason
 
 
 def test_resume_cap_ignores_a_late_upload_from_an_older_attempt(tmp_path: Any) -> None:
@@ -164,12 +170,12 @@ def test_save_now_under_load_returns_only_when_durable(tmp_path: Any) -> None:
         # Then save returned a durable checkpoint whose manifest verifies right now
         assert durable is not None and durable.step == 2 and durable.urgent
         assert time.monotonic() - started >= 0.9  # it waited for its own (slow) upload
-        outcome = ck.verify_checkpoint(storage, 2, job_id="job-1", dest_dir=str(tmp_path / "v"))
+        outcome = ck.verify_checkpoint(storage, C(2), job_id="job-1", dest_dir=str(tmp_path / "v"))
         assert not isinstance(outcome, str)
         assert ckpt.should_stop()
         ckpt.flush()
     # And the slow periodic upload gave way (cancelled: no manifest for step 1)
-    assert storage.inner.read_manifest(1) is None
+    assert storage.inner.read_manifest(C(1)) is None
 
 
 class GatedStorage(SlowFlakyStorage):
@@ -179,13 +185,15 @@ class GatedStorage(SlowFlakyStorage):
         super().__init__(inner)
         self.release = threading.Event()
 
-    def put_files(self, step: int, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]) -> None:
+    def put_files(
+        self, checkpoint: ck.CheckpointId, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]
+    ) -> None:
         if not self.put_calls:
-            self.put_calls.append(step)
+            self.put_calls.append(checkpoint.step)
             self.release.wait(30)
-            self.inner.put_files(step, files, cancelled)
+            self.inner.put_files(checkpoint, files, cancelled)
             return
-        super().put_files(step, files, cancelled)
+        super().put_files(checkpoint, files, cancelled)
 
 
 def test_periodic_saves_do_not_wait_for_a_slow_upload(tmp_path: Any) -> None:
@@ -369,7 +377,7 @@ def test_an_older_periodic_checkpoint_is_never_published_after_an_urgent_one(tmp
         ckpt.flush()
     # Then nothing older follows it (the agent would see a checkpoint going backwards)
     assert durable == [3]
-    assert storage.inner.read_manifest(2) is None and storage.inner.read_manifest(1) is None
+    assert storage.inner.read_manifest(C(2)) is None and storage.inner.read_manifest(C(1)) is None
 
 
 def test_a_failed_urgent_save_does_not_block_later_checkpoints(
@@ -407,3 +415,210 @@ def test_staging_clean_up_never_removes_a_newer_checkpoint_still_on_its_way(tmp_
         ckpt._clean_staging(keep=str(staging / f"{5:012d}"), below_step=5)
         # Then only the older one is gone
         assert sorted(p.name for p in staging.iterdir() if p.name.isdigit()) == [f"{5:012d}", f"{7:012d}"]
+
+
+# --- requests: each urgent save answers only what arrived before its snapshot ------------
+
+
+class FakeLink:
+    """The agent's end of the Checkpointer's link: records messages, answers the fence."""
+
+    def __init__(self, current: bool | None = True) -> None:
+        self.current = current
+        self.sent: list[dict[str, Any]] = []
+        self.fences = 0
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+    def is_current(self, timeout: float) -> bool | None:
+        self.fences += 1
+        return self.current
+
+    def close(self) -> None:
+        pass
+
+    def ops(self, op: str) -> list[dict[str, Any]]:
+        return [m for m in self.sent if m["op"] == op]
+
+
+def test_a_stop_arriving_during_a_rebalance_save_is_not_lost(tmp_path: Any) -> None:
+    storage = SlowFlakyStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"), delay=1.0)
+    link = FakeLink()
+    with Checkpointer(storage, job_id="job-1", staging_dir=str(tmp_path / "st"), link=link) as ckpt:
+        # Given a rebalance request (checkpoint, continue) whose urgent save is uploading
+        ckpt.request(stop=False, ref=1)
+        assert ckpt.due(10)
+        saving = threading.Thread(target=lambda: ckpt.save(_state(10), 10))
+        saving.start()
+        time.sleep(0.3)
+        # When the Spot notice arrives meanwhile (after that save's snapshot)
+        ckpt.request(stop=True, ref=2)
+        saving.join(30)
+        # Then the rebalance checkpoint does not count as the notice's: training is not
+        # told to stop on it, and the next save is urgent again
+        assert not ckpt.should_stop()
+        assert ckpt.requested and ckpt.due(11)
+        assert [m["answers"] for m in link.ops("durable")] == [1]
+        durable = ckpt.save(_state(11), 11)
+        assert durable is not None and durable.step == 11
+        # And only the checkpoint whose snapshot followed the notice answers it
+        assert ckpt.should_stop()
+        assert [(m["step"], m["answers"]) for m in link.ops("durable")] == [(10, 1), (11, 2)]
+
+
+def test_requests_before_the_snapshot_are_answered_by_one_save(tmp_path: Any) -> None:
+    link = FakeLink()
+    with _local(tmp_path, link=link) as ckpt:
+        ckpt.request(stop=False, ref=4)
+        ckpt.request(stop=True, ref=5)
+        assert ckpt.save(_state(3), 3) is not None
+        assert ckpt.should_stop() and not ckpt.requested
+    assert [m["answers"] for m in link.ops("durable")] == [5]
+
+
+def test_a_periodic_checkpoint_answers_no_request(tmp_path: Any) -> None:
+    link = FakeLink()
+    with _local(tmp_path, link=link) as ckpt:
+        ckpt.save(_state(1), 1)
+        ckpt.flush()
+    (durable,) = link.ops("durable")
+    assert durable["answers"] is None and durable["urgent"] is False
+
+
+# --- the request's deadline bounds its urgent save --------------------------------------------
+
+
+def test_a_stop_notice_checkpoint_gives_up_at_its_deadline_and_says_so(tmp_path: Any) -> None:
+    storage = SlowFlakyStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"), failures=10_000)
+    link = FakeLink()
+    ckpt = Checkpointer(
+        storage, job_id="job-1", staging_dir=str(tmp_path / "st"), link=link, retry_initial_seconds=0.05
+    )
+    # Given a notice whose deadline is 1.5 s away and storage that never answers
+    ckpt.request(stop=True, deadline=time.time() + 1.5, ref=7)
+    started = time.monotonic()
+    # Then the save waits until the deadline, not forever, and fails naming it
+    with pytest.raises(
+        CheckpointFailed, match=r"not durable within 1\.\d s \(the deadline of the request it answers\)"
+    ):
+        ckpt.save(_state(1), 1)
+    assert 1.0 <= time.monotonic() - started < 10
+    # And the agent is told at once, for that request
+    (failed,) = link.ops("checkpoint-failed")
+    assert failed["answers"] == 7 and "not durable" in failed["error"]
+    assert not ckpt.requested  # answered (with a failure): saves are periodic again
+    ckpt.close(flush=False)
+
+
+def test_a_failed_rebalance_checkpoint_does_not_stop_training(tmp_path: Any) -> None:
+    storage = SlowFlakyStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"), failures=10_000)
+    link = FakeLink()
+    ckpt = Checkpointer(
+        storage, job_id="job-1", staging_dir=str(tmp_path / "st"), link=link, retry_initial_seconds=0.05
+    )
+    # An ISO 8601 deadline, as the agent forwards it
+    ckpt.request(stop=False, deadline=ck.format_time(ck.utcnow()), ref=3)
+    assert ckpt.save(_state(1), 1) is None  # logged, not raised: training goes on
+    assert [m["answers"] for m in link.ops("checkpoint-failed")] == [3]
+    assert not ckpt.requested and not ckpt.should_stop()
+    ckpt.close(flush=False)
+
+
+# --- fencing: attempts never overwrite each other; no answer means no write ---------------------
+
+
+def _attempt(tmp_path: Any, attempt: int, **kwargs: Any) -> Checkpointer:
+    storage = ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1")
+    return Checkpointer(
+        storage, job_id="job-1", staging_dir=str(tmp_path / f"st-{attempt}"), attempt=attempt, **kwargs
+    )
+
+
+def test_an_old_attempts_late_save_cannot_replace_a_newer_attempts_checkpoint(tmp_path: Any) -> None:
+    # Given attempt 1 made step 10 durable (its resume point for attempt 2)
+    with _attempt(tmp_path, 1) as newer:
+        newer.save_now(_state(10), 10)
+    store = tmp_path / "store" / "job-1" / "ckpt"
+    kept = {p.name: p.read_bytes() for p in (store / "000000000010-a1").iterdir()}
+    # When attempt 0 comes back (a stopped instance) and, racing the hand-over, saves the
+    # same step (other content) and a later one
+    with _attempt(tmp_path, 0) as old:
+        old.save_now(_state(99), 10)
+        old.save_now(_state(98), 20)
+    # Then attempt 1's checkpoint is untouched, byte for byte
+    assert {p.name: p.read_bytes() for p in (store / "000000000010-a1").iterdir()} == kept
+    # And attempt 2, resuming from the row's resume point, restores exactly it
+    with _attempt(tmp_path, 2, resume_step=10, resume_attempt=1) as resumed:
+        _assert_same(resumed.restore(), _state(10))
+        assert resumed.restored is not None and resumed.restored.checkpoint == C(10, 1)
+
+
+def test_from_env_takes_the_resume_checkpoint_from_the_rows_prefix(tmp_path: Any) -> None:
+    environ = {
+        "TRAINCTL_JOB_ID": "job-1",
+        "TRAINCTL_CHECKPOINT_DIR": str(tmp_path / "store"),
+        "TRAINCTL_ATTEMPT": "2",
+        "TRAINCTL_RESUME_STEP": "10",
+        "TRAINCTL_RESUME_PREFIX": "job-1/ckpt/000000000010-a1/",
+        "TRAINCTL_AGENT_SOCKET": str(tmp_path / "agent.sock"),  # the agent's, unreachable
+    }
+    ckpt = Checkpointer.from_env(environ, install_signal_handlers=False)
+    try:
+        # Under the agent (attempt and socket set): fenced, even with the agent unreachable
+        assert ckpt.resume == C(10, 1) and ckpt.managed and ckpt.attempt == 2
+    finally:
+        ckpt.close(flush=False)
+    # An attempt without an agent socket is a local run: nobody to ask, nothing fenced
+    del environ["TRAINCTL_AGENT_SOCKET"]
+    local = Checkpointer.from_env(environ, install_signal_handlers=False)
+    try:
+        assert not local.managed and local.save_now(_state(1), 11).checkpoint == C(11, 2)
+    finally:
+        local.close()
+
+
+def test_managed_save_without_the_agents_answer_writes_nothing(tmp_path: Any) -> None:
+    # Given a training process under the agent whose agent does not answer the fence
+    link = FakeLink(current=None)
+    with _attempt(tmp_path, 1, link=link, managed=True, retry_initial_seconds=0.05) as ckpt:
+        assert ckpt.save(_state(5), 5) is None
+        assert ckpt.flush(timeout=1.0) is None
+        # Then nothing was published, nor any file written, and it keeps asking
+        assert ckpt.last_durable is None and link.fences >= 2
+        assert not (tmp_path / "store").exists()
+        # When the agent answers again, the retried upload lands
+        link.current = True
+        durable = ckpt.flush(timeout=30)
+        assert durable is not None and durable.checkpoint == C(5, 1)
+
+
+def test_managed_save_without_any_agent_link_writes_nothing(tmp_path: Any) -> None:
+    ckpt = _attempt(tmp_path, 1, managed=True, retry_initial_seconds=0.05)
+    ckpt.save(_state(5), 5)
+    assert ckpt.flush(timeout=1.0) is None and not (tmp_path / "store").exists()
+    ckpt.close(flush=False)
+
+
+def test_a_superseded_attempt_writes_no_file_at_all(tmp_path: Any) -> None:
+    link = FakeLink(current=False)
+    with _attempt(tmp_path, 0, link=link, managed=True) as ckpt:
+        with pytest.raises(CheckpointFailed, match="no longer the job's current one"):
+            ckpt.save_now(_state(5), 5, timeout=30)
+        assert ckpt.superseded
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_local_run_without_an_agent_still_checkpoints(tmp_path: Any) -> None:
+    with _attempt(tmp_path, 0) as ckpt:  # not managed, no link: nobody to ask
+        assert ckpt.save_now(_state(5), 5).checkpoint == C(5, 0)
+
+
+def test_retention_never_deletes_a_newer_attempts_checkpoints(tmp_path: Any) -> None:
+    with _attempt(tmp_path, 3) as newest:
+        newest.save_now(_state(1), 1)
+    with _attempt(tmp_path, 2, keep=1) as older:
+        for step in (10, 20, 30):
+            older.save_now(_state(step), step)
+    listed = ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1").list_checkpoints()
+    assert listed == [C(1, 3), C(30, 2)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -61,19 +62,44 @@ def _run_example(command: list[str], env: dict[str, str], timeout: float = 180) 
     return out
 
 
-def _kill_after_first_checkpoint(
-    command: list[str], env: dict[str, str], ckpt_dir: Any, extra_delay: float = 0.0
-) -> None:
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _durable_steps(ckpt_dir: Any) -> list[int]:
+    """Steps of the published checkpoints (manifest present) in a local checkpoint store."""
     storage = ck.LocalCheckpointStorage(str(ckpt_dir), "example")
-    deadline = time.monotonic() + 60
-    while not any(storage.read_manifest(s) for s in storage.list_steps()):
-        assert process.poll() is None, "the example ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(extra_delay)
-    process.kill()  # SIGKILL: no clean-up, like a reclaimed instance
-    process.wait()
+    return sorted(c.step for c in storage.list_checkpoints() if storage.read_manifest(c) is not None)
+
+
+def _interrupt_after_first_checkpoint(
+    command: list[str],
+    env: dict[str, str],
+    ckpt_dir: Any,
+    extra_delay: float = 0.0,
+    *,
+    notice: bool = False,
+    stdout: Any = None,
+) -> None:
+    """Run `command` until its first checkpoint is published (+ `extra_delay`), then kill
+    it with SIGKILL (a reclaimed instance) or, with `notice`, deliver the interruption
+    notice (SIGUSR1, as the agent forwards it) and let it stop by itself."""
+    with open(stdout or os.devnull, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not _durable_steps(ckpt_dir):
+            assert process.poll() is None, "the example ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(extra_delay)
+        if notice:
+            process.send_signal(signal.SIGUSR1)
+            assert process.wait(60) == 0
+        else:
+            process.kill()  # SIGKILL: no clean-up, like a reclaimed instance
+            process.wait()
+
+
+def _logged_number(pattern: str, out: str) -> int:
+    match = re.search(pattern, out)
+    assert match, f"no line matching {pattern!r} in:\n{out[-3000:]}"
+    return int(match.group(1))
 
 
 def kill_9_cycles(
@@ -133,26 +159,59 @@ def test_train_resumed_after_kill_is_bit_identical(tmp_path: Any) -> None:
     )
     resumed = tmp_path / "resumed.bin"
     command = _example("train.py", *args, "--step-seconds", "0.01", "--output", str(resumed))
-    _kill_after_first_checkpoint(command, _env(tmp_path / "b"), tmp_path / "b", extra_delay=0.3)
+    _interrupt_after_first_checkpoint(command, _env(tmp_path / "b"), tmp_path / "b", extra_delay=0.3)
     assert not resumed.exists()
+    checkpointed = _durable_steps(tmp_path / "b")[-1]
     out = _run_example(
         _example("train.py", *args, "--step-seconds", "0", "--output", str(resumed)), _env(tmp_path / "b")
     )
-    assert "resumed at step" in out
+    # It resumed from the newest checkpoint (a fresh start would be bit-identical too)
+    assert _logged_number(r"resumed at step (\d+)", out) == checkpointed > 0
     assert resumed.read_bytes() == reference.read_bytes()
 
 
-def test_data_processing_resumes_at_the_next_shard_without_redoing_any(tmp_path: Any) -> None:
-    out = tmp_path / "out"
-    command = _example(
-        "data_processing.py", "--shards", "30", "--shard-seconds", "0.03", "--output-dir", str(out)
+def _processed_shards(out: str) -> list[int]:
+    return [int(n) for n in re.findall(r"processed shard (\d+)", out)]
+
+
+@pytest.mark.parametrize("interruption", ["notice", "kill"])
+def test_data_processing_resumes_on_a_fresh_disk_without_redoing_a_committed_shard(
+    tmp_path: Any, interruption: str
+) -> None:
+    def command(output_dir: str) -> list[str]:
+        return _example(
+            "data_processing.py", "--shards", "30", "--shard-seconds", "0.03", "--output-dir", output_dir
+        )
+
+    store = tmp_path / "ck"  # the checkpoint storage: all that two instances share
+    first_log = tmp_path / "first.log"
+    # Given an instance interrupted after some shards were committed
+    _interrupt_after_first_checkpoint(
+        command(str(tmp_path / "first-out")),
+        _env(store, TRAINCTL_STAGING_DIR=str(tmp_path / "first-staging")),
+        store,
+        extra_delay=0.2,
+        notice=interruption == "notice",
+        stdout=first_log,
     )
-    _kill_after_first_checkpoint(command, _env(tmp_path / "ck"), tmp_path / "ck", extra_delay=0.2)
-    done_before = len(list(out.glob("shard-*.json")))
-    assert 0 < done_before < 30
-    assert "starting at shard" in _run_example(command, _env(tmp_path / "ck"))
-    commits = [int(line) for line in (out / "commits.log").read_text().split()]
-    assert sorted(commits) == list(range(30))  # every shard exactly once
+    committed = _durable_steps(store)[-1]  # the step is the next shard to process
+    assert 0 < committed < 30
+    first = _processed_shards(first_log.read_text())
+    # When a replacement with an empty disk (fresh output and staging dirs) runs
+    out = _run_example(
+        command(str(tmp_path / "second-out")),
+        _env(store, TRAINCTL_STAGING_DIR=str(tmp_path / "second-staging"), TRAINCTL_ATTEMPT="1"),
+    )
+    # Then it starts at the checkpoint's next shard and processes exactly the rest
+    start = _logged_number(r"starting at shard (\d+)", out)
+    assert start == committed
+    assert _processed_shards(out) == list(range(start, 30))
+    # and the interrupted instance processed every shard below it once; on the notice it
+    # stopped after committing its last one, a kill may have caught one uncommitted
+    assert first[:start] == list(range(start))
+    uncommitted = first[start:]
+    assert uncommitted in (([],) if interruption == "notice" else ([], [start]))
+    # and the result is complete and equal to an uninterrupted run's
     reference = tmp_path / "ref"
     _run_example(
         _example(
@@ -160,9 +219,23 @@ def test_data_processing_resumes_at_the_next_shard_without_redoing_any(tmp_path:
         ),
         _env(tmp_path / "ck2"),
     )
-    for shard in range(30):
-        name = f"shard-{shard:05d}.json"
-        assert (out / name).read_text() == (reference / name).read_text()
+    names = sorted(p.name for p in (tmp_path / "second-out").iterdir())
+    assert names == [f"shard-{shard:05d}.json" for shard in range(30)]
+    for name in names:
+        assert (tmp_path / "second-out" / name).read_text() == (reference / name).read_text()
+
+
+def test_data_processing_refuses_to_mix_a_checkpoint_of_another_seed(tmp_path: Any) -> None:
+    def command(seed: str) -> list[str]:
+        args = ["--shards", "3", "--shard-seconds", "0", "--seed", seed]
+        return _example("data_processing.py", *args, "--output-dir", str(tmp_path / "out"))
+
+    _run_example(command("11"), _env(tmp_path / "ck"))
+    refused = subprocess.run(
+        command("12"), env=_env(tmp_path / "ck"), capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2
+    assert "processed with --seed 11, this run has --seed 12" in refused.stderr
 
 
 def test_model_evaluation_resumes_mid_dataset_with_the_same_metrics(tmp_path: Any) -> None:
@@ -173,9 +246,12 @@ def test_model_evaluation_resumes_mid_dataset_with_the_same_metrics(tmp_path: An
     )
     metrics = tmp_path / "metrics.json"
     command = _example("model_evaluation.py", "--batch-seconds", "0.02", "--output", str(metrics))
-    _kill_after_first_checkpoint(command, _env(tmp_path / "b"), tmp_path / "b", extra_delay=0.1)
+    _interrupt_after_first_checkpoint(command, _env(tmp_path / "b"), tmp_path / "b", extra_delay=0.1)
     assert not metrics.exists()
-    assert "evaluating from batch 0 " not in _run_example(command, _env(tmp_path / "b"))
+    checkpointed = _durable_steps(tmp_path / "b")[-1]  # the step is the next batch
+    out = _run_example(command, _env(tmp_path / "b"))
+    # It continued from the checkpoint's batch (a fresh start gives the same metrics too)
+    assert _logged_number(r"evaluating from batch (\d+)", out) == checkpointed > 0
     assert json.loads(metrics.read_text()) == json.loads(reference.read_text())
 
 
@@ -210,4 +286,4 @@ def test_inference_server_drains_in_flight_and_refuses_new_requests(tmp_path: An
     assert slow["body"] == {"y": 3.0}
     assert process.wait(20) == 0
     storage = ck.LocalCheckpointStorage(str(tmp_path / "ck"), "example")
-    assert storage.list_steps() and storage.read_manifest(storage.list_steps()[-1]) is not None
+    assert storage.list_checkpoints() and storage.read_manifest(storage.list_checkpoints()[-1]) is not None

@@ -11,12 +11,19 @@ import torch
 from torch import nn
 
 from trainctl.checkpoint import Checkpointer
-from trainctl.integrations.torch import ResumableSampler, TorchState, load_final, save_final
+from trainctl.integrations.torch import (
+    DataOrderMismatch,
+    ResumableDataLoader,
+    ResumableSampler,
+    TorchState,
+    load_final,
+    save_final,
+)
 from trainctl_core import checkpoints as ck
 
 
-def _ckpt(tmp_path: Any, name: str = "staging", **kwargs: Any) -> Checkpointer:
-    storage = ck.LocalCheckpointStorage(str(tmp_path / "store"), "job")
+def _ckpt(tmp_path: Any, name: str = "staging", store: str = "store", **kwargs: Any) -> Checkpointer:
+    storage = ck.LocalCheckpointStorage(str(tmp_path / store), "job")
     return Checkpointer(storage, job_id="job", staging_dir=str(tmp_path / name), **kwargs)
 
 
@@ -76,21 +83,93 @@ def test_save_final_is_deterministic(tmp_path: Any) -> None:
     assert torch.equal(loaded["a"], state["a"]) and torch.equal(loaded["b"], state["b"])
 
 
-def test_hf_trainer_checkpoints_on_signal_and_resumes(tmp_path: Any) -> None:
+def test_resumable_dataloader_continues_after_the_last_batch_handed_out() -> None:
+    dataset = torch.utils.data.TensorDataset(torch.arange(20))
+
+    def epoch(loader: ResumableDataLoader, number: int) -> list[list[int]]:
+        loader.set_epoch(number)
+        return [batch[0].tolist() for batch in loader]
+
+    reference = ResumableDataLoader(dataset, batch_size=4, seed=1)
+    uninterrupted = epoch(reference, 0) + epoch(reference, 1)
+    # Given a loader stopped after handing out 2 batches of epoch 1
+    loader = ResumableDataLoader(dataset, batch_size=4, seed=1)
+    epoch(loader, 0)
+    loader.set_epoch(1)
+    iterator = iter(loader)
+    seen = [next(iterator)[0].tolist() for _ in range(2)]
+    state = loader.state_dict()
+    # When a new process loads that position
+    resumed = ResumableDataLoader(dataset, batch_size=4, seed=1)
+    resumed.load_state_dict(state)
+    assert len(resumed) == 5  # the whole epoch: frameworks count resumed batches against it
+    # Then it continues with the third batch, and the next epoch is whole
+    assert seen + epoch(resumed, 1) == uninterrupted[5:]
+    assert epoch(resumed, 2)[0] != uninterrupted[0] and len(epoch(resumed, 3)) == 5
+    # A position taken after an epoch's last batch is the start of the next epoch
+    assert resumed.state_dict() == {"epoch": 4, "batch": 0, "seed": 1}
+    with pytest.raises(DataOrderMismatch, match="seed 1"):
+        ResumableDataLoader(dataset, batch_size=4, seed=2).load_state_dict(state)
+
+
+class _HfTiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": nn.functional.mse_loss(self.linear(x).squeeze(-1), labels)}
+
+
+def _hf_trainer(output_dir: Any, callbacks: list[Any], *, max_steps: int = 8) -> Any:
     transformers = pytest.importorskip("transformers")
+    data = [{"x": torch.randn(4), "labels": torch.tensor(1.0)} for _ in range(64)]
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        save_steps=100,  # the Trainer's own schedule never fires in these runs
+        report_to=[],
+        use_cpu=True,
+        logging_steps=100,
+        disable_tqdm=True,
+    )
+    return transformers.Trainer(model=_HfTiny(), args=args, train_dataset=data, callbacks=callbacks)
+
+
+def test_hf_trainer_saves_at_the_trainctl_interval(tmp_path: Any) -> None:
+    pytest.importorskip("transformers")
+    from transformers import TrainerCallback
+
+    from trainctl.integrations.hf import TrainctlCallback
+
+    class OneAtATime(TrainerCallback):  # type: ignore[misc]
+        """Waits for each checkpoint to be durable, so a quick successor cannot supersede it."""
+
+        def __init__(self, ckpt: Checkpointer) -> None:
+            self.ckpt = ckpt
+
+        def on_save(self, *args: Any, **kwargs: Any) -> None:
+            self.ckpt.flush()
+
+    # Given the job's checkpoint interval of 3 steps and the Trainer's save_steps of 100
+    with _ckpt(tmp_path, interval_steps=3) as ckpt:
+        trainer = _hf_trainer(tmp_path / "out", [TrainctlCallback(ckpt), OneAtATime(ckpt)])
+        # When 8 steps are trained
+        trainer.train()
+    # Then the Trainer saved, and trainctl published, at steps 3 and 6 (and at the end,
+    # the Trainer's own final save)
+    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    storage = ck.LocalCheckpointStorage(str(tmp_path / "store"), "job")
+    published = [c for c in storage.list_checkpoints() if storage.read_manifest(c) is not None]
+    assert [c.step for c in published] == [3, 6, 8]
+
+
+def test_hf_trainer_checkpoints_on_signal_and_resumes(tmp_path: Any) -> None:
+    pytest.importorskip("transformers")
     from transformers import TrainerCallback
 
     from trainctl.integrations.hf import TrainctlCallback, resume_from_checkpoint
-
-    class Tiny(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = nn.Linear(4, 1)
-
-        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"loss": nn.functional.mse_loss(self.linear(x).squeeze(-1), labels)}
-
-    data = [{"x": torch.randn(4), "labels": torch.tensor(1.0)} for _ in range(64)]
 
     class RequestAtStep(TrainerCallback):  # type: ignore[misc]  # the agent's notice, mid-training
         def __init__(self, ckpt: Checkpointer) -> None:
@@ -99,21 +178,6 @@ def test_hf_trainer_checkpoints_on_signal_and_resumes(tmp_path: Any) -> None:
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == 3:
                 self.ckpt.request(stop=True)
-
-    def trainer(ckpt: Checkpointer, *extra: Any) -> Any:
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / "out"),
-            max_steps=8,
-            per_device_train_batch_size=8,
-            save_steps=100,
-            report_to=[],
-            use_cpu=True,
-            logging_steps=100,
-            disable_tqdm=True,
-        )
-        return transformers.Trainer(
-            model=Tiny(), args=args, train_dataset=data, callbacks=[TrainctlCallback(ckpt), *extra]
-        )
 
     class Observe(TrainerCallback):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -127,7 +191,7 @@ def test_hf_trainer_checkpoints_on_signal_and_resumes(tmp_path: Any) -> None:
             self.steps += 1
 
     with _ckpt(tmp_path) as ckpt:
-        first = trainer(ckpt, RequestAtStep(ckpt))
+        first = _hf_trainer(tmp_path / "out", [TrainctlCallback(ckpt), RequestAtStep(ckpt)])
         first.train()
         assert first.state.global_step == 4 and ckpt.should_stop()
         assert ckpt.last_durable is not None and ckpt.last_durable.step == 4
@@ -137,7 +201,7 @@ def test_hf_trainer_checkpoints_on_signal_and_resumes(tmp_path: Any) -> None:
         folder = resume_from_checkpoint(ckpt)
         assert folder is not None and os.path.exists(os.path.join(folder, "trainer_state.json"))
         observe = Observe()
-        second = trainer(ckpt, observe)
+        second = _hf_trainer(tmp_path / "out", [TrainctlCallback(ckpt), observe])
         second.train(resume_from_checkpoint=folder)
         assert second.state.global_step == 8
     # The resumed run started from the checkpointed weights and ran only the remaining steps
@@ -145,34 +209,45 @@ def test_hf_trainer_checkpoints_on_signal_and_resumes(tmp_path: Any) -> None:
     assert observe.steps == 4
 
 
-def test_lightning_callback_checkpoints_on_signal_and_resumes(tmp_path: Any) -> None:
+# 8 batches per epoch: a notice before step 4 stops mid-epoch, one before step 8 on the
+# epoch's last batch.
+@pytest.mark.parametrize("notice_at_step", [3, 7])
+def test_lightning_resume_trains_on_exactly_the_uninterrupted_batches(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, notice_at_step: int
+) -> None:
     lightning = pytest.importorskip("lightning.pytorch")
     from lightning.pytorch import Callback, LightningModule
 
     from trainctl.integrations.lightning import TrainctlLightningCallback, resume_ckpt_path
 
+    torch.set_num_threads(1)
+
     class Module(LightningModule):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__()
+            torch.manual_seed(0)
             self.linear = nn.Linear(4, 1)
-            self.seen = 0
+            self.seen: list[list[int]] = []  # sample ids of every batch trained on
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            self.seen += 1
-            x, y = batch
+            x, y, ids = batch
+            self.seen.append(ids.tolist())
             return nn.functional.mse_loss(self.linear(x).squeeze(-1), y)
 
         def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
-    dataset = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64))
+    generator = torch.Generator().manual_seed(1)
+    dataset = torch.utils.data.TensorDataset(
+        torch.randn(64, 4, generator=generator), torch.randn(64, generator=generator), torch.arange(64)
+    )
 
-    class RequestAtStep(Callback):  # type: ignore[misc]
+    class RequestAtStep(Callback):  # type: ignore[misc]  # the agent's notice, mid-training
         def __init__(self, ckpt: Checkpointer) -> None:
             self.ckpt = ckpt
 
         def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
-            if trainer.global_step == 3:
+            if trainer.global_step == notice_at_step:
                 self.ckpt.request(stop=True)
 
     def fit(ckpt: Checkpointer, *extra: Any, ckpt_path: str | None = None) -> tuple[Any, Any]:
@@ -184,26 +259,46 @@ def test_lightning_callback_checkpoints_on_signal_and_resumes(tmp_path: Any) -> 
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[TrainctlLightningCallback(ckpt, str(tmp_path / "pl")), *extra],
+            callbacks=[TrainctlLightningCallback(ckpt), *extra],
         )
-        trainer.fit(module, torch.utils.data.DataLoader(dataset, batch_size=8), ckpt_path=ckpt_path)
+        loader = ResumableDataLoader(dataset, batch_size=8, seed=7)
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
         return trainer, module
 
-    class Observe(Callback):  # type: ignore[misc]
-        start_weights: torch.Tensor | None = None
+    # Given an uninterrupted reference run
+    with _ckpt(tmp_path, "ref-staging", store="ref-store") as ckpt:
+        _, reference = fit(ckpt)
+    assert len(reference.seen) == 10
+    # When a run gets the notice: the checkpoint goes through the Checkpointer's snapshot,
+    # never a torch.save on the training thread
+    with _ckpt(tmp_path) as ckpt, monkeypatch.context() as patch:
 
-        def on_train_start(self, trainer: Any, module: Any) -> None:
-            self.start_weights = module.linear.weight.detach().clone()
+        def no_blocking_save(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("torch.save on the training thread")
 
-    with _ckpt(tmp_path) as ckpt:
-        trainer, module = fit(ckpt, RequestAtStep(ckpt))
-        assert trainer.global_step == 4 and ckpt.should_stop()
-        stopped_weights = module.linear.weight.detach().clone()
-    shutil.rmtree(tmp_path / "pl", ignore_errors=True)  # only the checkpoint survives the instance
+        patch.setattr(torch, "save", no_blocking_save)
+        trainer, first = fit(ckpt, RequestAtStep(ckpt))
+        assert trainer.global_step == notice_at_step + 1 and ckpt.should_stop()
+        assert ckpt.last_durable is not None and ckpt.last_durable.step == notice_at_step + 1
+    # And a replacement (nothing local survives but the checkpoint storage) resumes
     with _ckpt(tmp_path, "staging2") as ckpt:
         path = resume_ckpt_path(ckpt)
         assert path is not None
-        observe = Observe()
-        trainer, module = fit(ckpt, observe, ckpt_path=path)
-        assert trainer.global_step == 10 and module.seen == 6  # only the remaining steps ran
-    assert observe.start_weights is not None and torch.equal(observe.start_weights, stopped_weights)
+        trainer, second = fit(ckpt, ckpt_path=path)
+        assert trainer.global_step == 10
+        assert not os.path.exists(path)  # the resume file is gone once Lightning loaded it
+    # Then across the interruption it trained on exactly the uninterrupted batches, in
+    # order (none replayed, none skipped), and ends with the same weights
+    assert first.seen + second.seen == reference.seen
+    for name, value in reference.state_dict().items():
+        assert torch.equal(second.state_dict()[name], value), name
+
+
+def test_lightning_resume_refuses_a_checkpoint_it_did_not_write(tmp_path: Any) -> None:
+    pytest.importorskip("lightning.pytorch")
+    from trainctl.integrations.lightning import NotALightningCheckpoint, resume_ckpt_path
+
+    with _ckpt(tmp_path) as ckpt:
+        ckpt.save_now({"step": 2}, 2)
+    with _ckpt(tmp_path, "staging2") as ckpt, pytest.raises(NotALightningCheckpoint, match="step 2"):
+        resume_ckpt_path(ckpt)

@@ -121,7 +121,7 @@ def s3_server() -> Iterator[tuple[str, Any]]:
 
 def _manifest_steps(client: Any, job: str) -> list[int]:
     storage = ck.S3CheckpointStorage(client, BUCKET, job)
-    return [s for s in storage.list_steps() if storage.read_manifest(s) is not None]
+    return [c.step for c in storage.list_checkpoints() if storage.read_manifest(c) is not None]
 
 
 def test_kill_9_mid_multipart_upload_restores_a_verified_checkpoint(
@@ -167,7 +167,9 @@ def test_save_now_under_load_returns_only_once_the_manifest_is_in_s3(
         assert durable is not None and durable.step == 2 and durable.urgent
         head = client.head_object(Bucket=BUCKET, Key=durable.prefix + ck.MANIFEST_NAME)
         assert head["ContentLength"] > 0
-        outcome = ck.verify_checkpoint(storage, 2, job_id="load", dest_dir=str(tmp_path / "v"))
+        outcome = ck.verify_checkpoint(
+            storage, durable.checkpoint, job_id="load", dest_dir=str(tmp_path / "v")
+        )
         assert not isinstance(outcome, str), outcome
         assert ckpt.should_stop()
         # And training kept running while the save was in flight

@@ -207,6 +207,23 @@ def test_launch_of_a_new_job_is_attempt_zero_and_a_replacement_is_the_next_attem
     assert replacement.execution_name == "job-1-3"
 
 
+def test_the_launch_and_the_resume_after_attempt_0_have_different_execution_names() -> None:
+    # Both run with attempt 0: one name for both would make Step Functions refuse the
+    # resume after attempt 0's loss as "already exists", leaving the job INTERRUPTED.
+    launch = jobs.execution_name("job-1", 0, InterruptionReason.LAUNCH)
+    resumes = {
+        jobs.execution_name("job-1", 0, reason)
+        for reason in InterruptionReason
+        if reason != InterruptionReason.LAUNCH
+    }
+
+    assert launch == "job-1-launch"
+    assert resumes == {"job-1-0"}
+    assert jobs.execution_name("job-1", 0, "launch") == launch  # as the input document says it
+    # Names stay within Step Functions' 80 characters for the longest job id.
+    assert len(jobs.execution_name("j" * 63, 0, InterruptionReason.LAUNCH)) <= 80
+
+
 def test_history_is_appended_not_replaced() -> None:
     job = job_in(S.PENDING)
     for move in (S.LAUNCHING, S.RUNNING, S.INTERRUPTED, S.LAUNCHING, S.RUNNING, S.INTERRUPTED):

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from trainctl_core import jobs
-from trainctl_core.commands import InstanceUnreachable
+from trainctl_core.errors import CheckpointRequestFailed, ConcurrentUpdate, InstanceUnreachable
 from trainctl_core.jobs import (
     CapacityPool,
     CheckpointKind,
@@ -27,8 +27,7 @@ from trainctl_core.jobs import (
     Transition,
 )
 from trainctl_core.recovery import Outcome, Recovery
-from trainctl_core.store import ConcurrentUpdate
-from trainctl_core.workflow import resume_input
+from trainctl_core.workflow import execution_name_for, resume_input
 
 INSTANCE = "i-0aaaaaaaaaaaaaaa0"
 REPLACEMENT = "i-0bbbbbbbbbbbbbbb0"
@@ -72,10 +71,14 @@ class FakeSignaller:
         self.requests: list[dict[str, Any]] = []
         self.error: Exception | None = None
 
-    def request_checkpoint(self, *, instance_id: str, job_id: str, deadline: datetime) -> str:
+    def request_checkpoint(
+        self, *, instance_id: str, job_id: str, deadline: datetime, stop: bool = True
+    ) -> str:
         if self.error is not None:
             raise self.error
-        self.requests.append({"instance_id": instance_id, "job_id": job_id, "deadline": deadline})
+        self.requests.append(
+            {"instance_id": instance_id, "job_id": job_id, "deadline": deadline, "stop": stop}
+        )
         return f"cmd-{len(self.requests)}"
 
 
@@ -86,7 +89,7 @@ class FakeResumes:
 
     def start(self, document: dict[str, Any]) -> bool:
         self.calls += 1
-        name = jobs.execution_name(document["job_id"], document["attempt"])
+        name = execution_name_for(document)
         if name in self.started:
             return False  # ExecutionAlreadyExists
         self.started[name] = document
@@ -99,12 +102,13 @@ class World:
         self.signaller = FakeSignaller()
         self.resumes = FakeResumes()
         self.signal_failures: list[tuple[str, str, Exception]] = []
+        self.now = CLOCK
         self.recovery = Recovery(
             jobs=self.jobs,
             signaller=self.signaller,
             resumes=self.resumes,
             resume_input=resume_input,
-            clock=lambda: CLOCK,
+            clock=lambda: self.now,
             notice_seconds=120,
             on_signal_failure=lambda *args: self.signal_failures.append(args),
         )
@@ -185,7 +189,12 @@ def test_warning_checkpoints_first_then_records_then_starts(world: World) -> Non
         True,
     )
     assert world.signaller.requests == [
-        {"instance_id": INSTANCE, "job_id": "job-1", "deadline": NOTICED + timedelta(seconds=120)}
+        {
+            "instance_id": INSTANCE,
+            "job_id": "job-1",
+            "deadline": NOTICED + timedelta(seconds=120),
+            "stop": True,
+        }
     ]
     assert world.row.status == JobStatus.INTERRUPTED
     [record] = world.row.interruptions
@@ -317,7 +326,8 @@ def test_rebalance_checkpoints_and_keeps_running(world: World) -> None:
     result = world.rebalance()
 
     assert result.outcome == Outcome.CHECKPOINT_REQUESTED and result.checkpoint_requested
-    assert len(world.signaller.requests) == 1
+    # The instance keeps training after this checkpoint: the request must not stop it.
+    assert [r["stop"] for r in world.signaller.requests] == [False]
     assert world.row == before and world.resumes.calls == 0
 
 
@@ -331,7 +341,7 @@ def test_rebalance_with_migrate_policy_resumes_and_a_later_warning_does_not_chec
 
     assert first.outcome == Outcome.RESUME_STARTED and first.execution_started
     assert not second.checkpoint_requested  # the migrate already asked for the final save
-    assert len(world.signaller.requests) == 1
+    assert [r["stop"] for r in world.signaller.requests] == [True]  # migrating: this is the final one
     assert [d["reason"] for d in world.resumes.started.values()] == ["rebalance-migrate"]
 
 
@@ -341,7 +351,8 @@ def test_rebalance_then_warning_checkpoints_twice_resumes_once(world: World) -> 
     world.rebalance()
     world.warning()
 
-    assert len(world.signaller.requests) == 2
+    # A checkpoint that keeps training on the risk, then the final one that stops it.
+    assert [r["stop"] for r in world.signaller.requests] == [False, True]
     assert list(world.resumes.started) == ["job-1-0"]
 
 
@@ -479,17 +490,121 @@ def test_an_unreachable_instance_is_reported_and_recovery_goes_on(world: World) 
     assert (job_id, instance_id, error) == ("job-1", INSTANCE, world.signaller.error)
 
 
-def test_any_other_ssm_error_propagates_before_anything_is_written(world: World) -> None:
-    before = world.job()
-    world.signaller.error = PermissionError("AccessDenied")
+def throttled() -> CheckpointRequestFailed:
+    return CheckpointRequestFailed(INSTANCE, "ThrottlingException", retryable=True)
 
-    with pytest.raises(PermissionError):
-        world.warning()
 
-    assert world.row == before and world.resumes.calls == 0 and world.signal_failures == []
-    # and the retry (after the fault clears) does the whole thing
+def denied() -> CheckpointRequestFailed:
+    return CheckpointRequestFailed(INSTANCE, "AccessDeniedException", retryable=False)
+
+
+def test_a_refused_checkpoint_request_still_records_and_resumes_and_asks_for_no_retry(
+    world: World,
+) -> None:
+    # Given SSM refuses the command in a way that repeats on every try
+    world.job()
+    world.signaller.error = denied()
+
+    result = world.warning()
+
+    # Then the loss is recorded and the resume runs anyway; a retry could not help
+    assert result.outcome == Outcome.RESUME_STARTED
+    assert (result.checkpoint_requested, result.interruption_recorded, result.execution_started) == (
+        False,
+        True,
+        True,
+    )
+    assert result.retry is None
+    assert result.checkpoint_error is not None and "AccessDeniedException" in result.checkpoint_error
+    assert world.row.status == JobStatus.INTERRUPTED
+    assert world.row.interruptions[0].checkpoint_requested is False
+    assert [e for *_, e in world.signal_failures] == [world.signaller.error]
+
+
+def test_a_transient_checkpoint_failure_records_resumes_then_asks_for_a_retry_that_delivers_it(
+    world: World,
+) -> None:
+    # Given SSM throttles the first request
+    world.job()
+    world.signaller.error = throttled()
+
+    first = world.warning()
+
+    # Then the loss is recorded and the resume started before anything is raised ...
+    assert first.interruption_recorded and first.execution_started
+    assert world.row.status == JobStatus.INTERRUPTED
+    assert list(world.resumes.started) == ["job-1-0"]
+    # ... and the result asks the handler to fail the invocation so that Lambda retries
+    assert first.retry is world.signaller.error
+
+    # When the retry of the same event runs (SSM has recovered)
     world.signaller.error = None
-    assert world.warning().execution_started
+    world.now = CLOCK + timedelta(seconds=60)
+    retry = world.warning()
+
+    # Then it sends the checkpoint request, and nothing else happens twice
+    assert retry.checkpoint_requested and retry.retry is None and retry.checkpoint_error is None
+    assert len(world.signaller.requests) == 1
+    assert len(world.jobs.writes) == 1
+    assert list(world.resumes.started) == ["job-1-0"]
+    assert (retry.interruption_recorded, retry.execution_started) == (False, False)
+
+
+def test_a_transient_failure_once_the_notice_is_over_asks_for_no_retry(world: World) -> None:
+    # The instance is reclaimed at the deadline: a retry after it cannot deliver anything.
+    world.job()
+    world.signaller.error = throttled()
+    world.now = NOTICED + timedelta(seconds=120)
+
+    result = world.warning()
+
+    assert result.retry is None and result.checkpoint_error is not None
+    assert result.interruption_recorded and result.execution_started
+
+
+def test_another_warning_about_a_loss_whose_request_failed_asks_again(world: World) -> None:
+    world.job()
+    world.signaller.error = denied()
+    world.warning()
+
+    world.signaller.error = None
+    replay = world.warning(event_id="evt-replayed")
+
+    assert replay.checkpoint_requested
+    assert len(world.signaller.requests) == 1 and len(world.jobs.writes) == 1
+
+
+def test_a_transient_failure_on_a_rebalance_asks_for_a_retry(world: World) -> None:
+    before = world.job()
+    world.signaller.error = throttled()
+
+    result = world.rebalance()
+
+    assert result.outcome == Outcome.CHECKPOINT_REQUESTED and not result.checkpoint_requested
+    assert result.retry is world.signaller.error
+    assert world.row == before
+
+    world.signaller.error = None
+    assert world.rebalance().checkpoint_requested
+
+
+def test_a_migration_whose_request_failed_is_completed_by_the_retry(world: World) -> None:
+    # Given a migrating rebalance whose checkpoint request was throttled
+    world.job(on_rebalance="migrate")
+    world.signaller.error = throttled()
+    first = world.rebalance()
+    assert first.outcome == Outcome.RESUME_STARTED and first.retry is not None
+    assert world.row.status == JobStatus.INTERRUPTED
+
+    # When Lambda retries the same event
+    world.signaller.error = None
+    retry = world.rebalance()
+
+    # Then the retry asks for the checkpoint (the job is INTERRUPTED by then, which would
+    # otherwise make a rebalance a no-op) and starts nothing new
+    assert retry.outcome == Outcome.RESUME_STARTED and retry.checkpoint_requested
+    assert len(world.signaller.requests) == 1 and len(world.jobs.writes) == 1
+    assert list(world.resumes.started) == ["job-1-0"]
 
 
 def test_start_failure_propagates_after_the_record_and_the_retry_starts_it(world: World) -> None:
@@ -523,4 +638,5 @@ def test_result_is_plain_data_for_logs_and_responses(world: World) -> None:
         "interruption_recorded": True,
         "execution_started": True,
         "detail": None,
+        "checkpoint_error": None,
     }

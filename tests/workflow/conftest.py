@@ -26,6 +26,7 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 import boto3
 import pytest
 from moto import mock_aws
+from moto.dynamodb.models import DynamoDBBackend
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models.instances import InstanceBackend
 from moto.stepfunctions.parser.asl.component.state.choice.comparison.operator.implementations.is_operator import (  # noqa: E501
@@ -39,46 +40,98 @@ from trainctl_core.settings import (
     JOBS_BY_INSTANCE_INDEX,
     JOBS_INSTANCE_ATTRIBUTE,
     JOBS_PARTITION_KEY,
+    TAG_ATTEMPT,
 )
 from trainctl_core.store import JobStore, format_time
 
 REGION = "us-east-1"
 MOTO_CONFIG: Any = {"stepfunctions": {"execute_state_machine": True}}
-# Short backoff so the "all pools out" cases take seconds, not minutes; everything else
-# is what the stack deploys.
-TEST_TUNING = WorkflowTuning(launch_backoff_seconds=1, launch_rounds=2)
+# Short backoffs so the "all pools out" and transient-error cases take seconds, not
+# minutes; everything else is what the stack deploys.
+TEST_TUNING = WorkflowTuning(
+    launch_backoff_seconds=1, launch_rounds=2, launch_retries=2, launch_retry_seconds=1
+)
 
-# EC2's real messages for the capacity codes (the workflow matches on them, since AWS
-# reports every EC2 error of an aws-sdk task as Ec2.Ec2Exception).
-CAPACITY_MESSAGES = {
-    "InsufficientInstanceCapacity": "We currently do not have sufficient {type} capacity in the "
-    "Availability Zone you requested. Our system will be working on provisioning additional capacity.",
-    "SpotMaxPriceTooLow": "Your Spot request price of 0.01 is lower than the minimum required Spot "
-    "request fulfillment price of 0.2.",
-    "MaxSpotInstanceCountExceeded": "Max spot instance count exceeded",
-    "Unsupported": "The requested configuration is currently not supported. Please check the "
-    "documentation for supported configurations.",
-    "InsufficientFreeAddressesInSubnet": "There are not enough free addresses in subnet '{subnet}' "
-    "to satisfy the requested number of instances.",
+# EC2's real messages (as RunInstances returns them; collected from public reports of each
+# code). The workflow can only go by the message: on AWS every EC2 error of an aws-sdk task
+# is `Ec2.Ec2Exception` (moto: `ec2.ec2Exception`) with the message as its cause. The
+# first message of each code is the one `out_of_capacity` uses by default.
+CAPACITY_MESSAGES: dict[str, list[str]] = {
+    "InsufficientInstanceCapacity": [
+        "We currently do not have sufficient {type} capacity in the Availability Zone you requested ({az}). "
+        "Our system will be working on provisioning additional capacity. You can currently get {type} "
+        "capacity by not specifying an Availability Zone in your request or choosing {other_azs}.",
+        "There is no Spot capacity available that matches your request.",
+        "Insufficient capacity.",
+    ],
+    "SpotMaxPriceTooLow": [
+        "Your Spot request price of 0.001 is lower than the minimum required Spot request fulfillment "
+        "price of 0.0374.",
+    ],
+    "MaxSpotInstanceCountExceeded": ["Max spot instance count exceeded"],
+    "Unsupported": [
+        "Your requested instance type ({type}) is not supported in your requested Availability Zone ({az}). "
+        "Please retry your request by not specifying an Availability Zone or choosing {other_azs}.",
+        "The requested configuration is currently not supported. Please check the documentation for "
+        "supported configurations.",
+    ],
+    "InsufficientFreeAddressesInSubnet": [
+        "There are not enough free addresses in subnet '{subnet}' to satisfy the requested number of "
+        "instances.",
+    ],
+}
+# Spot capacity shortages read differently from on-demand ones.
+SPOT_CAPACITY_MESSAGE = CAPACITY_MESSAGES["InsufficientInstanceCapacity"][1]
+# Transient errors: throttling and EC2's server errors.
+TRANSIENT_MESSAGES = {
+    "RequestLimitExceeded": "Request limit exceeded.",
+    "InternalError": "An internal error has occurred.",
+    "Unavailable": "The server is overloaded and can't handle the request.",
 }
 
 
 @dataclass
 class LaunchFaults:
-    """What moto's RunInstances does per (instance type, subnet, market)."""
+    """What moto's RunInstances does per (instance type, subnet, market).
 
+    `errors` fail every call for a key; `scripts` are consumed one call at a time, each
+    either ("raise", code, message) or ("launch-then-raise", code, message) (the instance is
+    created, the response lost: what a retried call with the same ClientToken guards
+    against). `calls` and `requests` record every call, failed or not.
+    """
+
+    zones: dict[str, str] = field(default_factory=dict)  # subnet -> availability zone
     errors: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
+    scripts: dict[tuple[str, str, str], list[tuple[str, str, str]]] = field(default_factory=dict)
     gates: dict[tuple[str, str, str], threading.Event] = field(default_factory=dict)
     calls: list[tuple[str, str, str]] = field(default_factory=list)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    def capacity_message(self, pool: CapacityPool, market: str, code: str, variant: int | None = None) -> str:
+        if variant is None:
+            variant = 1 if (code, market) == ("InsufficientInstanceCapacity", "spot") else 0
+        zone = self.zones.get(pool.subnet_id, f"{REGION}a")
+        others = ", ".join(z for z in sorted(set(self.zones.values())) if z != zone)
+        return CAPACITY_MESSAGES[code][variant].format(
+            type=pool.instance_type, subnet=pool.subnet_id, az=zone, other_azs=others
+        )
 
     def out_of_capacity(
-        self, pool: CapacityPool, market: str = "spot", code: str = "InsufficientInstanceCapacity"
+        self,
+        pool: CapacityPool,
+        market: str = "spot",
+        code: str = "InsufficientInstanceCapacity",
+        variant: int | None = None,
     ) -> None:
-        message = CAPACITY_MESSAGES[code].format(type=pool.instance_type, subnet=pool.subnet_id)
+        message = self.capacity_message(pool, market, code, variant)
         self.errors[(pool.instance_type, pool.subnet_id, market)] = (code, message)
 
     def fail(self, pool: CapacityPool, market: str, code: str, message: str) -> None:
         self.errors[(pool.instance_type, pool.subnet_id, market)] = (code, message)
+
+    def script(self, pool: CapacityPool, market: str, *steps: tuple[str, str, str]) -> None:
+        """The next calls for `pool` do `steps` in order, then behave normally."""
+        self.scripts[(pool.instance_type, pool.subnet_id, market)] = list(steps)
 
     def hold(self, pool: CapacityPool, market: str = "spot") -> threading.Event:
         """Block RunInstances for `pool` until the returned event is set."""
@@ -86,12 +139,35 @@ class LaunchFaults:
         self.gates[(pool.instance_type, pool.subnet_id, market)] = gate
         return gate
 
+    def forget(self) -> None:
+        """Drop the record of earlier calls (e.g. the test's own launch of attempt 0)."""
+        self.calls.clear()
+        self.requests.clear()
+
     def clear(self) -> None:
         for gate in self.gates.values():
             gate.set()
         self.errors.clear()
+        self.scripts.clear()
         self.gates.clear()
         self.calls.clear()
+        self.requests.clear()
+
+
+@dataclass
+class TableFaults:
+    """Job-row reads and writes the state machine makes that moto's DynamoDB should refuse.
+
+    Keyed by job id; each rule names the call (`get_item` with a projection of the
+    checkpoints, or the `update_item` that records a replacement) and the exception.
+    """
+
+    checkpoint_reads: dict[str, Exception] = field(default_factory=dict)
+    replacement_writes: dict[str, Exception] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.checkpoint_reads.clear()
+        self.replacement_writes.clear()
 
 
 @dataclass
@@ -110,6 +186,7 @@ class Cloud:
     state_machine_arn: str
     definition: str
     faults: LaunchFaults
+    table_faults: TableFaults
 
     @property
     def store(self) -> JobStore:
@@ -238,7 +315,7 @@ class Cloud:
     def start(self, payload: dict[str, Any], name: str | None = None) -> str:
         if name is None:
             name = (
-                jobs.execution_name(payload["job_id"], payload["attempt"])
+                jobs.execution_name(payload["job_id"], payload["attempt"], payload.get("reason"))
                 if "job_id" in payload
                 else uuid.uuid4().hex
             )
@@ -277,6 +354,26 @@ class Cloud:
         )["Reservations"]
         return [i for r in reservations for i in r["Instances"]]
 
+    def replacements(self, job_id: str, attempt: int) -> list[dict[str, Any]]:
+        """The job's instances tagged with `attempt` (any state)."""
+        return [i for i in self.instances_of(job_id) if tags_of(i).get(TAG_ATTEMPT) == str(attempt)]
+
+    def instance(self, instance_id: str) -> dict[str, Any]:
+        reservations = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        return dict(reservations[0]["Instances"][0])
+
+    def wait_for_instance(self, job_id: str, attempt: int, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.replacements(job_id, attempt)
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError(f"no instance for {job_id} attempt {attempt}")
+
+    def task_events(self, execution_arn: str, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.history(execution_arn) if e["type"] == kind]
+
     def messages(self, job_id: str) -> list[dict[str, Any]]:
         """Every SNS message about `job_id` delivered so far (via the subscribed queue)."""
         found: list[dict[str, Any]] = []
@@ -301,6 +398,16 @@ def tags_of(instance: dict[str, Any]) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
 
 
+def resource_of(event: dict[str, Any]) -> str:
+    """The API a Task* history event is about (e.g. `runInstances`)."""
+    details = next(v for k, v in event.items() if k.endswith("EventDetails"))
+    return str(details.get("resource"))
+
+
+def ended(instance: dict[str, Any]) -> bool:
+    return instance["State"]["Name"] in ("shutting-down", "terminated")
+
+
 def _patch_run_instances(faults: LaunchFaults) -> Any:
     original = InstanceBackend.run_instances
 
@@ -311,9 +418,23 @@ def _patch_run_instances(faults: LaunchFaults) -> Any:
         market = "spot" if kwargs.get("instance_market_options") == "spot" else "on-demand"
         key = (str(kwargs.get("instance_type")), str(kwargs.get("subnet_id")), market)
         faults.calls.append(key)
+        faults.requests.append(
+            {
+                "pool": f"{key[0]}@{key[1]}",
+                "market": market,
+                "client_token": kwargs.get("client_token"),
+                "shutdown_behavior": kwargs.get("instance_initiated_shutdown_behavior"),
+            }
+        )
         gate = faults.gates.get(key)
         if gate is not None:
             gate.wait(timeout=30)
+        script = faults.scripts.get(key)
+        if script:
+            action, code, message = script.pop(0)
+            if action == "launch-then-raise":
+                original(self, image_id, count, user_data, security_group_names, **kwargs)
+            raise EC2ClientError(code, message)
         if key in faults.errors:
             code, message = faults.errors[key]
             raise EC2ClientError(code, message)
@@ -321,6 +442,32 @@ def _patch_run_instances(faults: LaunchFaults) -> Any:
 
     InstanceBackend.run_instances = run_instances  # type: ignore[method-assign]
     return original
+
+
+def _patch_job_rows(faults: TableFaults) -> tuple[Any, Any]:
+    """Let a test refuse the workflow's checkpoint read or replacement write for one job."""
+    original_get = DynamoDBBackend.get_item
+    original_update = DynamoDBBackend.update_item
+
+    def get_item(self: Any, table_name: str, keys: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        job_id = str(keys.get(JOBS_PARTITION_KEY, {}).get("S", "")).removeprefix("JOB#")
+        projection = args[0] if args else kwargs.get("projection_expressions")
+        reads_checkpoints = projection is not None and ["final_checkpoint"] in projection
+        if reads_checkpoints and job_id in faults.checkpoint_reads:
+            raise faults.checkpoint_reads[job_id]
+        return original_get(self, table_name, keys, *args, **kwargs)
+
+    def update_item(self: Any, table_name: str, key: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        job_id = str(key.get(JOBS_PARTITION_KEY, {}).get("S", "")).removeprefix("JOB#")
+        values = kwargs.get("expression_attribute_values") or (args[2] if len(args) > 2 else {})
+        records_replacement = (values or {}).get(":launching") == {"S": "LAUNCHING"}
+        if records_replacement and job_id in faults.replacement_writes:
+            raise faults.replacement_writes[job_id]
+        return original_update(self, table_name, key, *args, **kwargs)
+
+    DynamoDBBackend.get_item = get_item  # type: ignore[method-assign]
+    DynamoDBBackend.update_item = update_item  # type: ignore[method-assign]
+    return original_get, original_update
 
 
 def _parse_rfc3339(value: str) -> datetime | None:
@@ -333,7 +480,9 @@ def _parse_rfc3339(value: str) -> datetime | None:
 @pytest.fixture(scope="module")
 def cloud() -> Iterator[Cloud]:
     faults = LaunchFaults()
+    table_faults = TableFaults()
     original = _patch_run_instances(faults)
+    original_get, original_update = _patch_job_rows(table_faults)
     # moto parses Choice timestamps only as %Y-%m-%dT%H:%M:%SZ (no fractions, no offsets),
     # so every comparison with our millisecond timestamps is false there; AWS accepts
     # RFC 3339. Teach moto RFC 3339 so the wall-clock guard is exercised as on AWS.
@@ -341,10 +490,13 @@ def cloud() -> Iterator[Cloud]:
     IsTimestamp.string_to_timestamp = staticmethod(_parse_rfc3339)  # type: ignore[assignment]
     with mock_aws(config=MOTO_CONFIG):
         try:
-            yield _build_cloud(faults)
+            yield _build_cloud(faults, table_faults)
         finally:
             faults.clear()
+            table_faults.clear()
             InstanceBackend.run_instances = original  # type: ignore[method-assign]
+            DynamoDBBackend.get_item = original_get  # type: ignore[method-assign]
+            DynamoDBBackend.update_item = original_update  # type: ignore[method-assign]
             IsTimestamp.string_to_timestamp = original_parse  # type: ignore[method-assign]
 
 
@@ -352,10 +504,12 @@ def cloud() -> Iterator[Cloud]:
 def _reset_faults(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if "cloud" in request.fixturenames:
-        request.getfixturevalue("cloud").faults.clear()
+        cloud = request.getfixturevalue("cloud")
+        cloud.faults.clear()
+        cloud.table_faults.clear()
 
 
-def _build_cloud(faults: LaunchFaults) -> Cloud:
+def _build_cloud(faults: LaunchFaults, table_faults: TableFaults) -> Cloud:
     ddb = boto3.client("dynamodb", region_name=REGION)
     ec2 = boto3.client("ec2", region_name=REGION)
     sfn = boto3.client("stepfunctions", region_name=REGION)
@@ -394,6 +548,7 @@ def _build_cloud(faults: LaunchFaults) -> Cloud:
         ]["SubnetId"]
         for i, az in enumerate("abc")
     ]
+    faults.zones.update({subnet: f"{REGION}{az}" for subnet, az in zip(subnets, "abc", strict=True)})
     template = ec2.create_launch_template(
         LaunchTemplateName="trainctl",
         LaunchTemplateData={"ImageId": "ami-12345678", "InstanceType": "m5.large"},
@@ -426,6 +581,7 @@ def _build_cloud(faults: LaunchFaults) -> Cloud:
         state_machine_arn=state_machine_arn,
         definition=definition,
         faults=faults,
+        table_faults=table_faults,
     )
 
 

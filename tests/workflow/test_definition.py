@@ -20,11 +20,14 @@ os.environ.setdefault("CDK_DISABLE_VERSION_CHECK", "1")
 
 from infra.app import build_app
 from infra.workflows.render import (
+    MAX_HANDSHAKE_TIMEOUT_SECONDS,
+    WorkflowTuning,
     load_resume_definition,
     placeholders,
     render_resume,
     substitutions,
 )
+from tests.workflow.conftest import CAPACITY_MESSAGES, TRANSIENT_MESSAGES
 from trainctl_core.jobs import InterruptionReason
 from trainctl_core.settings import TAG_ATTEMPT, TAG_JOB_ID, TAG_MANAGED
 
@@ -57,6 +60,12 @@ CAPACITY_CODES = [
     "MaxSpotInstanceCountExceeded",
     "Unsupported",
     "InsufficientFreeAddressesInSubnet",
+]
+# How an EC2 error reaches a Catch: on AWS `Ec2.Ec2Exception` with EC2's message and the
+# request's details as the cause; moto keeps the shape with a lower-case name.
+EC2_ERROR_SHAPES = [
+    ("Ec2.Ec2Exception", "{message} (Service: Ec2, Status Code: 500, Request ID: 7c1a0e1b-0f7e)"),
+    ("ec2.ec2Exception", "{message} (Service: ec2, Status Code: 400, Request ID: request-id)"),
 ]
 
 
@@ -161,6 +170,7 @@ def test_role_grants_exactly_the_actions_the_definition_calls(template: dict[str
     assert called == {
         "dynamodb:GetItem",
         "dynamodb:UpdateItem",
+        "ec2:DescribeInstances",
         "ec2:RunInstances",
         "ec2:TerminateInstances",
         "sns:Publish",
@@ -198,14 +208,136 @@ def test_reasons_are_the_domain_values() -> None:
         assert f'"{reason.value}"' in text
 
 
-def test_capacity_errors_are_recognised_by_name_and_by_message() -> None:
+def _string_matches(value: str, pattern: str) -> bool:
+    """ASL's StringMatches: `*` is any run of characters (our patterns escape nothing)."""
+    regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, value, flags=re.DOTALL) is not None
+
+
+def _rule_holds(rule: dict[str, Any], error: dict[str, str], retries: int = 0) -> bool:
+    """Evaluate a ClassifyLaunchError rule against `$.launch.error` (and the retry count)."""
+    if "Or" in rule:
+        return any(_rule_holds(r, error, retries) for r in rule["Or"])
+    if "And" in rule:
+        return all(_rule_holds(r, error, retries) for r in rule["And"])
+    if rule["Variable"] == "$.launch.cursor.retries":
+        assert rule["NumericLessThanPath"] == "$.launch.retry.limit"
+        return retries < 2
+    field = {"$.launch.error.Error": "Error", "$.launch.error.Cause": "Cause"}[rule["Variable"]]
+    return _string_matches(error[field], rule["StringMatches"])
+
+
+def _classify(error: dict[str, str], retries: int = 0) -> str:
+    state = dict(_states(_definition()))["ClassifyLaunchError"]
+    for rule in state["Choices"]:
+        if _rule_holds(rule, error, retries):
+            return str(rule["Next"])
+    return str(state["Default"])
+
+
+def test_every_ec2_error_is_classified_in_one_place() -> None:
     states = dict(_states(_definition()))
     for launch in ("LaunchSpot", "LaunchOnDemand"):
-        by_name = states[launch]["Catch"][0]["ErrorEquals"]
-        assert by_name == [f"Ec2.{code}Exception" for code in CAPACITY_CODES]
-    rules = json.dumps(states["ClassifyLaunchError"])
-    for code in CAPACITY_CODES:
-        assert f"*{code}*" in rules
+        assert states[launch]["Catch"] == [
+            {"ErrorEquals": ["States.ALL"], "ResultPath": "$.launch.error", "Next": "ClassifyLaunchError"}
+        ]
+        assert "Retry" not in states[launch]  # a Retry cannot tell throttling from capacity
+
+
+@pytest.mark.parametrize(("name", "cause"), EC2_ERROR_SHAPES, ids=["aws", "moto"])
+def test_capacity_errors_are_recognised_by_message(name: str, cause: str) -> None:
+    for code, messages in CAPACITY_MESSAGES.items():
+        for message in messages:
+            text = message.format(
+                type="g5.xlarge", az="us-east-1a", other_azs="us-east-1b, us-east-1c", subnet="subnet-0abc"
+            )
+            error = {"Error": name, "Cause": cause.format(message=text)}
+            assert _classify(error) == "CapacityError", (code, text)
+
+
+@pytest.mark.parametrize(("name", "cause"), EC2_ERROR_SHAPES, ids=["aws", "moto"])
+def test_transient_errors_are_retried_a_bounded_number_of_times(name: str, cause: str) -> None:
+    for message in TRANSIENT_MESSAGES.values():
+        error = {"Error": name, "Cause": cause.format(message=message)}
+        assert _classify(error, retries=0) == "RetryLaunchBackoff", message
+        assert _classify(error, retries=2) == "LaunchFailed", message
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Value (ami-0) for parameter image is invalid.",
+        "You are not authorized to perform this operation.",
+        "The parameter iamInstanceProfile.name may not be used in combination with iamInstanceProfile.arn",
+    ],
+)
+def test_other_errors_fail_the_launch(message: str) -> None:
+    for name, cause in EC2_ERROR_SHAPES:
+        assert _classify({"Error": name, "Cause": cause.format(message=message)}) == "LaunchFailed"
+
+
+def test_run_instances_asks_for_termination_on_shutdown_and_a_token_per_round() -> None:
+    states = dict(_states(_definition()))
+    for launch, market in (("LaunchSpot", "spot"), ("LaunchOnDemand", "on-demand")):
+        parameters = states[launch]["Parameters"]
+        assert parameters["InstanceInitiatedShutdownBehavior"] == "terminate"
+        token = parameters["ClientToken.$"]
+        for part in ("$.job_id", "$.job.next_attempt", "$.launch.cursor.pool.label", "$.launch.round.n"):
+            assert part in token
+        assert f"/{market}/" in token
+
+
+def test_the_handshake_branch_cannot_fail_the_parallel() -> None:
+    # A failing branch stops the other one: the launch branch would lose the instance it
+    # launched. So every task of the handshake branch catches everything, it has no Fail
+    # state, and nothing reads the (agent-supplied) callback payload.
+    recover = dict(_states(_definition()))["Recover"]
+    handshake = recover["Branches"][0]["States"]
+    for name, state in handshake.items():
+        assert state["Type"] != "Fail", name
+        if state["Type"] == "Task":
+            assert any(c["ErrorEquals"] == ["States.ALL"] for c in state.get("Catch", [])), name
+    await_state = handshake["AwaitFinalCheckpoint"]
+    assert "ResultSelector" not in await_state and await_state["ResultPath"] is None
+    assert await_state["Next"] == "ReadCheckpoints"
+    # The launch branch fails only through its own two errors, which the Parallel catches.
+    launch = recover["Branches"][1]["States"]
+    fails = {s["Error"] for s in launch.values() if s["Type"] == "Fail"}
+    assert fails == {"trainctl.LaunchFailed", "trainctl.CapacityExhausted"}
+    assert set(recover["Catch"][0]["ErrorEquals"]) == fails
+    assert recover["Catch"][-1]["ErrorEquals"] == ["States.ALL"]
+
+
+def test_every_task_after_the_launch_is_caught() -> None:
+    # From the Parallel on, an uncaught error would end the execution with a replacement
+    # running and the job stuck; only the final notifications may fail the execution.
+    top = _definition()["States"]
+    reachable: list[str] = []
+    frontier = ["Recover"]
+    while frontier:
+        name = frontier.pop()
+        if name in reachable:
+            continue
+        reachable.append(name)
+        state = top[name]
+        nexts = [state.get("Next"), state.get("Default")]
+        nexts += [c.get("Next") for c in state.get("Choices", [])] + [
+            c["Next"] for c in state.get("Catch", [])
+        ]
+        frontier += [n for n in nexts if n]
+    for name in reachable:
+        state = top[name]
+        if state["Type"] == "Task" and not state["Resource"].endswith(":sns:publish"):
+            assert any(c["ErrorEquals"] == ["States.ALL"] for c in state.get("Catch", [])), name
+
+
+def test_input_bounds_match_the_tuning_limits() -> None:
+    text = json.dumps(dict(_states(_definition()))["ValidateInput"])
+    assert f'"NumericLessThanEquals": {MAX_HANDSHAKE_TIMEOUT_SECONDS}' in text
+    with pytest.raises(ValueError, match="handshake_timeout_seconds"):
+        WorkflowTuning(handshake_timeout_seconds=MAX_HANDSHAKE_TIMEOUT_SECONDS + 1)
+    with pytest.raises(ValueError, match="launch_retry_seconds"):
+        WorkflowTuning(launch_retry_seconds=0)
 
 
 def test_run_instances_is_the_third_transition_after_the_guard() -> None:

@@ -14,33 +14,10 @@ from typing import Any
 
 import pytest
 
-from tests.workflow.conftest import Cloud, tags_of
+from tests.workflow.conftest import CAPACITY_MESSAGES, Cloud, ended, resource_of, tags_of
 from trainctl_core import jobs
 from trainctl_core.jobs import CapacityPool, InterruptionReason, Job, JobStatus
 from trainctl_core.settings import TAG_ATTEMPT, TAG_JOB_ID, TAG_MANAGED
-
-
-def _replacement(cloud: Cloud, job_id: str, attempt: int) -> list[dict[str, Any]]:
-    return [i for i in cloud.instances_of(job_id) if tags_of(i).get(TAG_ATTEMPT) == str(attempt)]
-
-
-def _wait_for_instance(cloud: Cloud, job_id: str, attempt: int, timeout: float = 10.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = _replacement(cloud, job_id, attempt)
-        if found:
-            return found[0]
-        time.sleep(0.02)
-    raise AssertionError(f"no instance for {job_id} attempt {attempt}")
-
-
-def _task_events(cloud: Cloud, arn: str, kind: str) -> list[dict[str, Any]]:
-    return [e for e in cloud.history(arn) if e["type"] == kind]
-
-
-def _resource_of(event: dict[str, Any]) -> str:
-    details = next(v for k, v in event.items() if k.endswith("EventDetails"))
-    return str(details.get("resource"))
 
 
 def _assert_recovered(
@@ -67,7 +44,12 @@ def _assert_recovered(
         tags_of(instance).items()
         >= {TAG_MANAGED: "true", TAG_JOB_ID: job.job_id, TAG_ATTEMPT: str(record.attempt)}.items()
     )
-    assert len(_replacement(cloud, job.job_id, record.attempt)) == 1  # never launched twice
+    assert len(cloud.replacements(job.job_id, record.attempt)) == 1  # never launched twice
+    # The agent's `shutdown` after a finished job must end the instance, not stop it.
+    shutdown = cloud.ec2.describe_instance_attribute(
+        InstanceId=instance["InstanceId"], Attribute="instanceInitiatedShutdownBehavior"
+    )
+    assert shutdown["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
 
     (message,) = cloud.messages(job.job_id)
     body = message["body"]
@@ -75,6 +57,16 @@ def _assert_recovered(
     assert body["attempt"] == record.attempt
     assert body["checkpoint"] == kind
     assert body["pool"] == pool.label
+    # After a warning or a migration the old instance goes once the replacement is recorded;
+    # after a loss without notice it is gone already and nothing is asked of EC2.
+    assert job.instance_id is not None
+    old = cloud.instance(job.instance_id)
+    if body["event"] in ("spot-warning", "rebalance-migrate"):
+        assert body["old_instance"] == {"action": "terminated"}
+        assert ended(old)
+    else:
+        assert body["old_instance"] == {"action": "none"}
+        assert "RetireOldInstance" not in cloud.entered_states(arn)
     return instance
 
 
@@ -95,8 +87,7 @@ def test_handshake_answered_before_the_launch_finishes(cloud: Cloud) -> None:
         # or a loaded machine can order the two TaskSucceeded events either way.
         deadline = time.monotonic() + 10
         while not any(
-            _resource_of(e) == "updateItem.waitForTaskToken"
-            for e in _task_events(cloud, arn, "TaskSucceeded")
+            resource_of(e) == "updateItem.waitForTaskToken" for e in cloud.task_events(arn, "TaskSucceeded")
         ):
             assert time.monotonic() < deadline, "the handshake never completed"
             time.sleep(0.02)
@@ -106,7 +97,7 @@ def test_handshake_answered_before_the_launch_finishes(cloud: Cloud) -> None:
     # Then the replacement runs in the next pool (the reclaimed one is skipped), from step 150
     instance = _assert_recovered(cloud, job, arn, kind="final", step=150, pool=pools[1])
     assert instance.get("InstanceLifecycle") == "spot"
-    succeeded = [_resource_of(e) for e in _task_events(cloud, arn, "TaskSucceeded")]
+    succeeded = [resource_of(e) for e in cloud.task_events(arn, "TaskSucceeded")]
     assert succeeded.index("updateItem.waitForTaskToken") < succeeded.index("runInstances")
 
 
@@ -116,14 +107,14 @@ def test_handshake_answered_after_the_launch_finished(cloud: Cloud) -> None:
     arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=30))
 
     # The replacement exists before the old instance is done checkpointing...
-    _wait_for_instance(cloud, job.job_id, job.attempt + 1)
+    cloud.wait_for_instance(job.job_id, job.attempt + 1)
     assert cloud.sfn.describe_execution(executionArn=arn)["status"] == "RUNNING"
     assert cloud.store.get(job.job_id).status is JobStatus.INTERRUPTED  # not recorded before the handshake
     cloud.wait_for_token(job)
     cloud.agent_checkpoint(job, 130, final=True)
 
     _assert_recovered(cloud, job, arn, kind="final", step=130, pool=pools[1])
-    succeeded = [_resource_of(e) for e in _task_events(cloud, arn, "TaskSucceeded")]
+    succeeded = [resource_of(e) for e in cloud.task_events(arn, "TaskSucceeded")]
     assert succeeded.index("runInstances") < succeeded.index("updateItem.waitForTaskToken")
 
 
@@ -138,7 +129,7 @@ def test_final_checkpoint_recorded_before_the_token_was_stored(cloud: Cloud) -> 
 
     # Then the token write's condition fails and the workflow reads the final checkpoint
     _assert_recovered(cloud, job, arn, kind="final", step=140, pool=pools[1])
-    failed = _task_events(cloud, arn, "TaskFailed")
+    failed = cloud.task_events(arn, "TaskFailed")
     assert [e["taskFailedEventDetails"]["error"] for e in failed] == [
         "DynamoDb.ConditionalCheckFailedException"
     ]
@@ -193,7 +184,7 @@ def test_first_two_pools_out_of_capacity_launches_in_the_third(cloud: Cloud) -> 
             job, instance_id=job.instance_id or "", reason=InterruptionReason.SPOT_WARNING, now=jobs.utcnow()
         )
     )
-    cloud.faults.calls.clear()
+    cloud.faults.forget()
     cloud.faults.out_of_capacity(pools[0], code="InsufficientInstanceCapacity")
     cloud.faults.out_of_capacity(pools[1], code="SpotMaxPriceTooLow")
     arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=1))
@@ -204,16 +195,25 @@ def test_first_two_pools_out_of_capacity_launches_in_the_third(cloud: Cloud) -> 
     assert output["pools_tried"].count("no capacity") == 2 and pools[2].label in output["pools_tried"]
 
 
-@pytest.mark.parametrize(
-    "code", ["MaxSpotInstanceCountExceeded", "Unsupported", "InsufficientFreeAddressesInSubnet"]
-)
-def test_every_capacity_code_moves_to_the_next_pool(cloud: Cloud, code: str) -> None:
+CAPACITY_CASES = [
+    (code, variant) for code, messages in CAPACITY_MESSAGES.items() for variant in range(len(messages))
+]
+
+
+@pytest.mark.parametrize(("code", "variant"), CAPACITY_CASES, ids=[f"{c}-{v}" for c, v in CAPACITY_CASES])
+def test_every_capacity_message_moves_to_the_next_pool(cloud: Cloud, code: str, variant: int) -> None:
+    # Given pool 1 refusing with one of EC2's real capacity messages (AWS names every EC2
+    # error Ec2.Ec2Exception, so the message is all the workflow has to go by)
     pools = cloud.pools("m5.large", "m5.xlarge", "c5.large")
     job = cloud.interrupted_job(pools, reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE)
-    cloud.faults.out_of_capacity(pools[1], code=code)
+    cloud.faults.out_of_capacity(pools[1], code=code, variant=variant)
+    cloud.faults.forget()
     arn = cloud.start(cloud.workflow_input(job, "terminated-without-notice", deadline=None))
 
+    # Then the next pool is tried at once, without retrying the refusing one
     _assert_recovered(cloud, job, arn, kind="none", step=None, pool=pools[2])
+    assert cloud.faults.calls == [(p.instance_type, p.subnet_id, "spot") for p in pools[1:]]
+    assert "RetryLaunchBackoff" not in cloud.entered_states(arn)
 
 
 def test_all_spot_pools_out_uses_on_demand_when_allowed(cloud: Cloud) -> None:
@@ -223,7 +223,7 @@ def test_all_spot_pools_out_uses_on_demand_when_allowed(cloud: Cloud) -> None:
     )
     for pool in pools:
         cloud.faults.out_of_capacity(pool, market="spot")
-    cloud.faults.calls.clear()
+    cloud.faults.forget()
     arn = cloud.start(cloud.workflow_input(job, "terminated-without-notice", deadline=None))
 
     instance = _assert_recovered(cloud, job, arn, kind="none", step=None, pool=pools[0])
@@ -233,6 +233,9 @@ def test_all_spot_pools_out_uses_on_demand_when_allowed(cloud: Cloud) -> None:
     assert cloud.faults.calls == [(p.instance_type, p.subnet_id, "spot") for p in order] + [
         (pools[0].instance_type, pools[0].subnet_id, "on-demand")
     ]
+    # Spot and on-demand calls alike ask for termination on an OS shutdown (the agent shuts
+    # the machine down when the job is done; EC2's default would only stop it).
+    assert [r["shutdown_behavior"] for r in cloud.faults.requests] == ["terminate"] * 4
 
 
 def test_all_spot_pools_out_fails_the_job_when_on_demand_is_not_allowed(cloud: Cloud) -> None:
@@ -240,7 +243,7 @@ def test_all_spot_pools_out_fails_the_job_when_on_demand_is_not_allowed(cloud: C
     job = cloud.interrupted_job(pools, periodic_step=10)
     for pool in pools:
         cloud.faults.out_of_capacity(pool)
-    cloud.faults.calls.clear()
+    cloud.faults.forget()
     arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=30))
 
     described = cloud.wait(arn)
@@ -251,7 +254,7 @@ def test_all_spot_pools_out_fails_the_job_when_on_demand_is_not_allowed(cloud: C
     # Bounded: two rounds (test tuning) over both pools, with a backoff between them.
     assert len(cloud.faults.calls) == 2 * len(pools)
     assert cloud.entered_states(arn).count("Backoff") == 1
-    assert _replacement(cloud, job.job_id, job.attempt + 1) == []
+    assert cloud.replacements(job.job_id, job.attempt + 1) == []
     # The old instance goes with the job; the alert names the reason.
     (old,) = [i for i in cloud.instances_of(job.job_id) if i["InstanceId"] == job.instance_id]
     assert old["State"]["Name"] in ("shutting-down", "terminated")
@@ -266,7 +269,7 @@ def test_a_non_capacity_launch_error_fails_clearly(cloud: Cloud) -> None:
     cloud.faults.fail(
         pools[1], "spot", "InvalidParameterValue", "Value (ami-0) for parameter image is invalid."
     )
-    cloud.faults.calls.clear()
+    cloud.faults.forget()
     started = time.monotonic()
     arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=60))
 
@@ -288,7 +291,7 @@ def test_a_non_capacity_launch_error_fails_clearly(cloud: Cloud) -> None:
 def test_max_interruptions_reached_fails_the_job_without_launching(cloud: Cloud) -> None:
     pools = cloud.pools("m5.large", "m5.xlarge")
     job = cloud.interrupted_job(pools, limits=jobs.JobLimits(max_interruptions=0))
-    cloud.faults.calls.clear()
+    cloud.faults.forget()
     arn = cloud.start(cloud.workflow_input(job, "spot-warning"))
 
     described = cloud.wait(arn)
@@ -303,21 +306,41 @@ def test_max_interruptions_reached_fails_the_job_without_launching(cloud: Cloud)
     assert message["body"]["failure_reason"] == record.failure_reason
 
 
+def _assert_guard_hit(cloud: Cloud, job: Job, arn: str, reason: str) -> None:
+    """A guard ended the job: FAILED with `reason`, alerted, nothing launched."""
+    described = cloud.wait(arn)
+    assert (described["status"], described["error"], described["cause"]) == (
+        "FAILED",
+        "trainctl.JobFailed",
+        reason,
+    )
+    record = cloud.store.get(job.job_id)
+    assert (record.status, record.failure_reason, record.version) == (
+        JobStatus.FAILED,
+        reason,
+        job.version + 1,
+    )
+    entered = cloud.entered_states(arn)
+    assert "Recover" not in entered and "MarkFailed" in entered
+    assert not [e for e in cloud.task_events(arn, "TaskScheduled") if resource_of(e) == "runInstances"]
+    (message,) = cloud.messages(job.job_id)
+    assert message["subject"] == f"trainctl: job {job.job_id} FAILED"
+    assert (message["body"]["event"], message["body"]["failure_reason"]) == ("job-failed", reason)
+
+
 def test_wall_clock_limit_reached_fails_the_job(cloud: Cloud) -> None:
     pools = cloud.pools("m5.large")
     job = cloud.new_job(pools, limits=jobs.JobLimits(max_hours=0.0001))  # 0.36 s
     time.sleep(0.5)
+    cloud.faults.forget()
     arn = cloud.start(cloud.workflow_input(job, "launch"))
 
-    described = cloud.wait(arn)
-    assert described["status"] == "FAILED"
-    record = cloud.store.get(job.job_id)
-    assert record.status is JobStatus.FAILED
-    assert record.failure_reason and record.failure_reason.startswith("max wall-clock reached")
-    assert cloud.instances_of(job.job_id) == []
+    deadline = cloud.store.raw(job.job_id)["deadline_at"]
+    _assert_guard_hit(cloud, job, arn, f"max wall-clock reached: deadline {deadline} passed")
+    assert cloud.instances_of(job.job_id) == [] and cloud.faults.calls == []
 
 
-def test_budget_reached_fails_the_job(cloud: Cloud) -> None:
+def test_budget_reached_fails_the_job_and_ends_the_old_instance(cloud: Cloud) -> None:
     pools = cloud.pools("m5.large", "m5.xlarge")
     job = cloud.interrupted_job(pools, limits=jobs.JobLimits(budget_usd=5.0))
     cloud.ddb.update_item(
@@ -326,12 +349,14 @@ def test_budget_reached_fails_the_job(cloud: Cloud) -> None:
         UpdateExpression="SET cost_usd = :c",
         ExpressionAttributeValues={":c": {"N": "5.5"}},
     )
+    cloud.faults.forget()
     arn = cloud.start(cloud.workflow_input(job, "spot-warning"))
 
-    assert cloud.wait(arn)["status"] == "FAILED"
-    record = cloud.store.get(job.job_id)
-    assert record.status is JobStatus.FAILED
-    assert record.failure_reason == "budget reached: cost 5.5 USD of 5.0 USD"
+    _assert_guard_hit(cloud, job, arn, "budget reached: cost 5.5 USD of 5.0 USD")
+    assert cloud.faults.calls == []
+    assert cloud.replacements(job.job_id, job.attempt + 1) == []
+    # The warned instance would otherwise run on (or come back from a stop) at our cost.
+    assert job.instance_id is not None and ended(cloud.instance(job.instance_id))
 
 
 # --- concurrency and bad requests --------------------------------------------------------
@@ -361,8 +386,36 @@ def test_job_cancelled_mid_flight_terminates_the_new_instance(cloud: Cloud) -> N
         job.instance_id,
         job.attempt,
     )
-    (replacement,) = _replacement(cloud, job.job_id, job.attempt + 1)
+    (replacement,) = cloud.replacements(job.job_id, job.attempt + 1)
     assert replacement["State"]["Name"] in ("shutting-down", "terminated")
+    assert cloud.messages(job.job_id) == []
+
+
+def test_job_cancelled_while_the_handshake_waits_terminates_the_launched_replacement(cloud: Cloud) -> None:
+    # Given a Spot warning whose replacement is up while the old agent has not answered yet
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=40)
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=3))
+    replacement = cloud.wait_for_instance(job.job_id, job.attempt + 1)
+    cloud.wait_for_token(job)
+    assert cloud.sfn.describe_execution(executionArn=arn)["status"] == "RUNNING"
+
+    # When the user cancels the job (the row goes CANCELLED)
+    cloud.store.apply(jobs.mark_cancelled(cloud.store.get(job.job_id), now=jobs.utcnow()))
+
+    # Then the workflow ends quietly, and the replacement it launched is not left running
+    described = cloud.wait(arn)
+    assert described["status"] == "SUCCEEDED"
+    assert "JobCancelled" in cloud.entered_states(arn)
+    record = cloud.store.get(job.job_id)
+    assert (record.status, record.instance_id, record.attempt, record.version) == (
+        JobStatus.CANCELLED,
+        job.instance_id,
+        job.attempt,
+        job.version + 1,
+    )
+    assert ended(cloud.instance(replacement["InstanceId"]))
+    assert len(cloud.replacements(job.job_id, job.attempt + 1)) == 1
     assert cloud.messages(job.job_id) == []
 
 
@@ -373,9 +426,14 @@ MALFORMED: list[tuple[str, dict[str, Any]]] = [
     ("reason", {"reason": None}),
     ("attempt", {"attempt": "1"}),
     ("attempt", {"attempt": -1}),
+    ("attempt", {"attempt": 1.5}),
+    ("attempt", {"attempt": 10**9}),
     ("instance_id", {"instance_id": None}),
     ("deadline", {"deadline": "tomorrow"}),
     ("handshake_timeout_seconds", {"handshake_timeout_seconds": "soon"}),
+    ("handshake_timeout_seconds", {"handshake_timeout_seconds": 2.5}),
+    ("handshake_timeout_seconds", {"handshake_timeout_seconds": -1}),
+    ("handshake_timeout_seconds", {"handshake_timeout_seconds": 86400}),
 ]
 
 
@@ -410,15 +468,29 @@ def test_inconsistent_launch_input_is_rejected(cloud: Cloud, payload: dict[str, 
     assert (described["status"], described["error"]) == ("FAILED", "trainctl.InvalidInput")
 
 
-def test_stale_request_leaves_the_job_alone(cloud: Cloud) -> None:
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"instance_id": "i-0123456789abcdef0"},
+        {"attempt": 1},
+        {"reason": "launch", "attempt": 0, "instance_id": None},
+    ],
+    ids=["other-instance", "other-attempt", "launch-of-a-started-job"],
+)
+def test_stale_request_leaves_the_job_alone(cloud: Cloud, change: dict[str, Any]) -> None:
+    # Given a job INTERRUPTED on attempt 0 and a request that describes something else
     pools = cloud.pools("m5.large", "m5.xlarge")
     job = cloud.interrupted_job(pools)
-    arn = cloud.start(cloud.workflow_input(job, "spot-warning", instance_id="i-0123456789abcdef0"))
+    cloud.faults.forget()
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning") | change, name=f"{job.job_id}-stale")
 
+    # Then the execution says so and reads the row, nothing else
     described = cloud.wait(arn)
     assert (described["status"], described["error"]) == ("FAILED", "trainctl.StaleRequest")
+    assert [resource_of(e) for e in cloud.task_events(arn, "TaskScheduled")] == ["getItem"]
     assert cloud.store.get(job.job_id).version == job.version
-    assert _replacement(cloud, job.job_id, job.attempt + 1) == []
+    assert cloud.faults.calls == [] and cloud.replacements(job.job_id, job.attempt + 1) == []
+    assert cloud.messages(job.job_id) == []
 
 
 def test_duplicate_start_of_the_same_execution_launches_once(cloud: Cloud) -> None:
@@ -569,7 +641,7 @@ def test_the_reclaimed_pool_is_tried_last_for_spot(cloud: Cloud) -> None:
     # Given a job reclaimed in pool 0 while every other pool is out of Spot capacity
     pools = cloud.pools("m5.large", "m5.xlarge", "c5.large")
     job = cloud.interrupted_job(pools)
-    cloud.faults.calls.clear()
+    cloud.faults.forget()
     cloud.faults.out_of_capacity(pools[1], code="InsufficientInstanceCapacity")
     cloud.faults.out_of_capacity(pools[2], code="InsufficientInstanceCapacity")
     arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=1))

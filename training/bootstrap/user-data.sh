@@ -28,6 +28,8 @@ UNIT_FILE=/etc/systemd/system/trainctl-agent.service
 
 install -d -m 0750 /run/trainctl /var/lib/trainctl "$STAGING"
 install -d -m 0755 /etc/trainctl
+# Left by a containerised agent that wants its host shut down (see trainctl-after-job).
+rm -f /run/trainctl/shutdown-requested
 
 # The project needs Python >= 3.11; Amazon Linux 2023's python3 is 3.9.
 command -v python3.11 >/dev/null || dnf install -y -q python3.11
@@ -79,11 +81,13 @@ if [ -n "$IMAGE" ]; then
   EXEC="/usr/bin/docker run --rm --name trainctl-job --network host --stop-timeout 110"
   EXEC="$EXEC --env-file $ENV_FILE -v /run/trainctl:/run/trainctl -v /var/lib/trainctl:/var/lib/trainctl"
   EXEC="$EXEC $IMAGE --staging-dir $STAGING"
-  # A container cannot power off its host: after a success the host does (systemd sets
-  # SERVICE_RESULT for ExecStopPost).
+  # A container cannot power off its host. The agent in it (training/Dockerfile) leaves
+  # the marker file (its --shutdown-command) after every terminal outcome of the attempt
+  # (succeeded, failed, superseded, no resume point), and not after an interruption
+  # notice or a stop from outside; the host powers off when the unit ends with it there.
   cat > /usr/local/bin/trainctl-after-job <<'SH'
 #!/bin/sh
-[ "$SERVICE_RESULT" = success ] && exec shutdown -h now
+[ -e /run/trainctl/shutdown-requested ] && exec shutdown -h now
 exit 0
 SH
   chmod 0755 /usr/local/bin/trainctl-after-job
@@ -106,8 +110,9 @@ $STOP_POST
 # Exit codes are outcomes the agent already recorded on the job row: never restart into
 # a loop on a user bug.
 Restart=no
-# SIGTERM to the agent only (it checkpoints and stops its child), SIGKILL to all after
-# the timeout, just under the 2-minute Spot notice.
+# SIGTERM to the agent only (it checkpoints and stops its child within 100 s, then exits;
+# in a container tini hands it to the agent), SIGKILL to all after the timeout, just under
+# the 2-minute Spot notice.
 KillMode=mixed
 TimeoutStopSec=110
 

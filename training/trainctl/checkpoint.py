@@ -15,10 +15,24 @@ files to an uploader thread (files concurrently via s3transfer, `manifest.json` 
 When the agent forwards a notice (IPC message and/or SIGUSR1), the *next* `save` is
 urgent: it waits for the buffer if a write is running, cancels a periodic upload in
 progress, and returns only once its manifest is durable.
+
+Requests are numbered as they arrive. An urgent checkpoint answers exactly the requests
+that arrived before its snapshot: one that arrives while it is being written or uploaded
+(a Spot notice during a rebalance checkpoint) stays pending and makes the next `save`
+urgent again, and the `durable` message to the agent names the newest agent request it
+answers, so the agent never takes a snapshot from before a notice for the notice's
+checkpoint.
+
+Fencing (DESIGN §2): under the agent (`TRAINCTL_ATTEMPT` and the agent socket set)
+nothing is written to storage unless the agent confirms this attempt is still the job's
+current one, asked before the files and again before the manifest; no answer means no
+(the upload is retried). Checkpoint keys carry the attempt, so even a write that raced
+the hand-over lands beside, never over, a newer attempt's checkpoint.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -27,8 +41,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any, NoReturn, Protocol
 
 from trainctl import runtime_env as env
 from trainctl.snapshot import (
@@ -43,6 +57,7 @@ from trainctl.snapshot import (
 )
 from trainctl_core import checkpoints as layout
 from trainctl_core.checkpoints import (
+    CheckpointId,
     CheckpointStorage,
     LocalCheckpointStorage,
     Manifest,
@@ -60,6 +75,10 @@ FILES_DIR = "files"
 
 class CheckpointFailed(RuntimeError):
     """An urgent checkpoint did not become durable in time."""
+
+
+class FenceUnanswered(RuntimeError):
+    """Under the agent, nobody confirmed that this attempt is still current: not publishing."""
 
 
 class AgentLink(Protocol):
@@ -87,12 +106,20 @@ class DurableCheckpoint:
             step=self.step, prefix=self.prefix, attempt=self.attempt, created_at=self.created_at
         )
 
+    @property
+    def checkpoint(self) -> CheckpointId:
+        return CheckpointId(self.step, self.attempt)
+
 
 @dataclass(frozen=True)
 class Restored:
     step: int
     manifest: Manifest
     paths: dict[str, str]
+
+    @property
+    def checkpoint(self) -> CheckpointId:
+        return CheckpointId(self.manifest.step, self.manifest.attempt)
 
     @property
     def files_dir(self) -> str | None:
@@ -103,6 +130,16 @@ class Restored:
         return None
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One checkpoint request (a signal, or the agent's IPC message)."""
+
+    seq: int  # arrival order, from one counter
+    stop: bool
+    deadline: float | None = None  # epoch seconds: the urgent save's timeout
+    ref: int | None = None  # the agent's id for it, echoed in the `durable` message
+
+
 @dataclass
 class _Save:
     step: int
@@ -110,6 +147,8 @@ class _Save:
     snapshot: Snapshot | None
     directory: str | None
     extra: dict[str, Any]
+    covers: int = 0  # urgent: the newest request (seq) that arrived before its snapshot
+    answers: int | None = None  # urgent: the newest agent request (ref) among those
     created_at: datetime = field(default_factory=layout.utcnow)
     files: list[tuple[str, ManifestFile]] = field(default_factory=list)  # (local path, entry)
     done: threading.Event = field(default_factory=threading.Event)
@@ -134,6 +173,8 @@ class Checkpointer:
         interval_seconds: float | None = None,
         interval_steps: int | None = None,
         resume_step: int | None = None,
+        resume_attempt: int | None = None,
+        managed: bool = False,
         framework: str = "generic",
         link: AgentLink | None = None,
         direct_io: bool = True,
@@ -149,6 +190,15 @@ class Checkpointer:
         self.interval_seconds = interval_seconds
         self.interval_steps = interval_steps
         self.resume_step = resume_step
+        # The resume point the job row names, when its attempt is known: restored first,
+        # and no other attempt's checkpoint at its step (or above) is taken instead.
+        self.resume = (
+            CheckpointId(resume_step, resume_attempt)
+            if resume_step is not None and resume_attempt is not None
+            else None
+        )
+        # Run by the agent: publishing needs the agent's "still current" (fail closed).
+        self.managed = managed
         self.framework = framework
         self.staging_dir = staging_dir
         self.link = link
@@ -166,11 +216,12 @@ class Checkpointer:
         self._owns_storage = False  # from_env builds (and so closes) its own storage
         self._uploading = False
         self.superseded = False
-        # Requests arrive from a signal handler or the agent link: plain attributes only
-        # (a signal handler must not take locks).
-        self._request_pending = False
-        self._stop_requested = False
-        self._stop_after_save = False
+        # Requests arrive from a signal handler or the agent link, so no locks here (a
+        # signal handler must not take one): `next()` on a counter and `list.append` are
+        # atomic. The list only grows by one per request (a handful per job).
+        self._request_ids = itertools.count(1)
+        self._requests: list[_Request] = []
+        self._answered = 0  # newest request seq an urgent save answered (durable or failed)
         self._last_save_at = clock()
         self._last_progress_at = 0.0
         self.last_durable: DurableCheckpoint | None = None
@@ -222,6 +273,8 @@ class Checkpointer:
 
             link = AgentConnection.try_connect(socket_path)
         resume = source.get(env.RESUME_STEP)
+        # The row's resume prefix names the checkpoint exactly (step and attempt).
+        named = layout.checkpoint_id_of(source.get(env.RESUME_PREFIX, ""))
         interval = source.get(env.CHECKPOINT_INTERVAL_SECONDS)
         kwargs: dict[str, Any] = {
             "job_id": job_id,
@@ -230,6 +283,12 @@ class Checkpointer:
             "keep": int(source.get(env.CHECKPOINT_KEEP, "3")),
             "interval_seconds": float(interval) if interval else None,
             "resume_step": int(resume) if resume else None,
+            "resume_attempt": named.attempt
+            if named is not None and resume and named.step == int(resume)
+            else None,
+            # Run by the agent (it sets both): publish only what it confirms. An attempt
+            # without an agent socket is a local run standing in for one (nobody to ask).
+            "managed": bool(source.get(env.ATTEMPT)) and bool(socket_path),
             "staging_dir": source.get(env.STAGING_DIR)
             or os.path.join(
                 source.get(env.CHECKPOINT_DIR, "checkpoints") if not bucket else env.DEFAULT_STAGING_DIR,
@@ -257,20 +316,34 @@ class Checkpointer:
 
     # --- requests (signal handler / agent link) -------------------------------------------
 
-    def request(self, *, stop: bool) -> None:
+    def request(self, *, stop: bool, deadline: str | float | None = None, ref: int | None = None) -> None:
         """Ask for a checkpoint at the next `due()`; with `stop`, `should_stop()` turns
-        True once it is durable. Safe to call from a signal handler."""
-        self._request_pending = True
-        if stop:
-            self._stop_after_save = True
+        True once it is durable. Safe to call from a signal handler.
+
+        `deadline` (ISO 8601 or epoch seconds) bounds the urgent save that answers it;
+        `ref` is the agent's id for the request, echoed when the checkpoint is durable.
+        """
+        seq = next(self._request_ids)
+        self._requests.append(_Request(seq=seq, stop=stop, deadline=_epoch(deadline), ref=ref))
+
+    def _latest_request(self) -> int:
+        return max((r.seq for r in self._requests), default=0)
 
     @property
     def requested(self) -> bool:
-        return self._request_pending
+        """A checkpoint request not yet answered by an urgent save."""
+        return self._latest_request() > self._answered
+
+    @property
+    def stop_requested(self) -> bool:
+        """An interruption notice arrived (training should stop after its checkpoint)."""
+        return any(r.stop for r in self._requests)
 
     def should_stop(self) -> bool:
-        """True once the urgent checkpoint asked for by a notice is durable."""
-        return self._stop_requested
+        """True once the urgent checkpoint asked for by a notice is durable (and no newer
+        request still waits for one)."""
+        answered = self._answered
+        return any(r.stop and r.seq <= answered for r in self._requests) and not self.requested
 
     def due(self, step: int) -> bool:
         """Should the training loop call `save` now (interval reached or a request pending)?"""
@@ -278,7 +351,7 @@ class Checkpointer:
         if self.link is not None and now - self._last_progress_at >= 1.0:
             self._last_progress_at = now
             self.link.send({"op": "progress", "step": step, "t": time.time()})
-        if self._request_pending:
+        if self.requested:
             return True
         if self.interval_steps and step % self.interval_steps == 0:
             return True
@@ -301,10 +374,21 @@ class Checkpointer:
         Periodic saves return at once after the in-memory snapshot (None); one that
         finds the previous snapshot still being written is skipped rather than stall
         training. An urgent save (a request is pending, or `urgent=True`) returns the
-        durable checkpoint or raises `CheckpointFailed` after `timeout`.
+        durable checkpoint or raises `CheckpointFailed` after `timeout` (default: the
+        pending request's deadline). When only "checkpoint, then continue" requests were
+        pending, a failure is logged and None returned instead: training goes on.
         """
-        is_urgent = self._request_pending if urgent is None else urgent
-        if is_urgent:
+        if urgent is None and self.requested:
+            try:
+                return self.save_now(state, step, extra=extra, directory=directory, timeout=timeout)
+            except CheckpointFailed:
+                if self.stop_requested:
+                    raise
+                # Only "checkpoint, then continue" requests (a rebalance): the failure
+                # went to the agent; training goes on, periodic checkpoints retry.
+                logger.warning("the requested checkpoint at step %s failed: training continues", step)
+                return None
+        if urgent:
             return self.save_now(state, step, extra=extra, directory=directory, timeout=timeout)
         with self._cv:
             if state is not None and self._buffer_busy:
@@ -354,8 +438,12 @@ class Checkpointer:
         directory: str | None = None,
         timeout: float | None = None,
     ) -> DurableCheckpoint:
-        """Checkpoint `step` with priority and return once its manifest is durable."""
-        stop = self._stop_after_save
+        """Checkpoint `step` with priority and return once its manifest is durable.
+
+        It answers every request that arrived before its snapshot. Without `timeout` it
+        waits until the earliest deadline among those requests (if any), then raises
+        `CheckpointFailed`, as it does when the checkpoint cannot be written.
+        """
         started = self._clock()
         with self._cv:
             # Only one host buffer: wait for a periodic write to release it (seconds at
@@ -363,20 +451,48 @@ class Checkpointer:
             while state is not None and self._buffer_busy:
                 self._cv.wait(0.1)
             self._last_save_at = self._clock()
-            job = self._snapshot_locked(state, step, extra, directory, urgent=True)
+            # Read before the snapshot: a request arriving after it is not answered by it.
+            covers = self._latest_request()
+            job = self._snapshot_locked(state, step, extra, directory, urgent=True, covers=covers)
+        bound = "" if timeout is not None else " (the deadline of the request it answers)"
+        if timeout is None:
+            timeout = self._deadline_timeout(covers)
         remaining = None if timeout is None else max(0.0, timeout - (self._clock() - started))
         if not job.done.wait(remaining):
-            raise CheckpointFailed(f"checkpoint at step {step} not durable within {timeout:.0f} s")
+            self._failed(job, f"checkpoint at step {step} not durable within {timeout:.1f} s{bound}")
         if job.error is not None:
-            raise CheckpointFailed(f"checkpoint at step {step} failed: {job.error}") from job.error
+            self._failed(job, f"checkpoint at step {step} failed: {job.error}", job.error)
         assert job.result is not None
-        self._request_pending = False
-        if stop:
-            self._stop_requested = True
+        self._answered = max(self._answered, covers)
         return job.result
 
+    def _deadline_timeout(self, covers: int) -> float | None:
+        """Seconds until the earliest deadline of the requests an urgent save answers."""
+        deadlines = [
+            r.deadline for r in self._requests if self._answered < r.seq <= covers and r.deadline is not None
+        ]
+        if not deadlines:
+            return None
+        # At least a moment: a deadline already past (clock skew) still gets one try.
+        return max(1.0, min(deadlines) - time.time())
+
+    def _failed(self, job: _Save, reason: str, cause: BaseException | None = None) -> NoReturn:
+        # The requests it answered are answered, with a failure: the agent hears it now
+        # (its `checkpoint-now` fails at once) and they no longer make every save urgent.
+        self._answered = max(self._answered, job.covers)
+        if self.link is not None and job.answers is not None:
+            self.link.send({"op": "checkpoint-failed", "answers": job.answers, "error": reason})
+        raise CheckpointFailed(reason) from cause
+
     def _snapshot_locked(
-        self, state: Any, step: int, extra: dict[str, Any] | None, directory: str | None, *, urgent: bool
+        self,
+        state: Any,
+        step: int,
+        extra: dict[str, Any] | None,
+        directory: str | None,
+        *,
+        urgent: bool,
+        covers: int = 0,
     ) -> _Save:
         snapshot = None
         if state is not None:
@@ -388,6 +504,10 @@ class Checkpointer:
             directory = self._link_into_staging(directory, step)
         job = _Save(step=step, urgent=urgent, snapshot=snapshot, directory=directory, extra=dict(extra or {}))
         if urgent:
+            job.covers = covers
+            job.answers = max(
+                (r.ref for r in self._requests if r.seq <= covers and r.ref is not None), default=None
+            )
             # Cancel any periodic upload in progress: the link is for this one now.
             self._upload_urgent = job
         self._write_queue.append(job)
@@ -588,17 +708,38 @@ class Checkpointer:
             if outcome is not None:
                 self._after_durable(job, outcome)
 
+    def _fence(self) -> None:
+        """Raise unless this attempt may still write (DESIGN §2 "Fencing").
+
+        Under the agent, only its "yes" lets a write through: "no" means superseded (stop
+        publishing for good), no answer (agent unreachable, the job row unreadable) means
+        not now (the upload is retried). Without an agent (a local run) there is nobody to
+        ask and nothing to fence against.
+        """
+        if self.link is None and not self.managed:
+            return
+        current = self.link.is_current(timeout=5.0) if self.link is not None else None
+        if current is False:
+            raise _Superseded()
+        if current is None and self.managed:
+            raise FenceUnanswered(
+                f"the agent did not confirm that attempt {self.attempt} is still the job's current one"
+            )
+
     def _upload(self, job: _Save) -> DurableCheckpoint | None:
         def cancelled() -> bool:
             return not job.urgent and self._upload_urgent is not None
 
+        checkpoint = CheckpointId(job.step, self.attempt)
+        # Before the files too: a superseded attempt (a stopped instance come back) writes
+        # nothing at all, not even files without a manifest.
+        self._fence()
         files = [(local, entry.path) for local, entry in job.files]
-        self.storage.put_files(job.step, files, cancelled)
+        self.storage.put_files(checkpoint, files, cancelled)
         if cancelled():
             return None
-        if self.link is not None and self.link.is_current(timeout=5.0) is False:
-            # Fencing: a superseded attempt must not publish a checkpoint.
-            raise _Superseded()
+        # Again before the manifest: the hand-over may have happened during the upload.
+        self._fence()
         manifest = Manifest(
             job_id=self.job_id,
             step=job.step,
@@ -609,11 +750,11 @@ class Checkpointer:
             files=[entry for _, entry in job.files],
             extra=job.extra,
         )
-        self.storage.put_manifest(job.step, manifest.to_json())
+        self.storage.put_manifest(checkpoint, manifest.to_json())
         return DurableCheckpoint(
             step=job.step,
-            location=self.storage.describe(job.step),
-            prefix=layout.checkpoint_prefix(self.job_id, job.step),
+            location=self.storage.describe(checkpoint),
+            prefix=layout.checkpoint_prefix(self.job_id, checkpoint),
             attempt=self.attempt,
             created_at=job.created_at,
             urgent=job.urgent,
@@ -636,6 +777,9 @@ class Checkpointer:
                     "created_at": layout.format_time(durable.created_at),
                     "urgent": durable.urgent,
                     "size": durable.size,
+                    # The newest agent request this checkpoint answers (its snapshot was
+                    # taken after it arrived); None for a periodic checkpoint.
+                    "answers": job.answers,
                 }
             )
         job.result = durable
@@ -647,24 +791,28 @@ class Checkpointer:
             logger.exception("checkpoint retention failed")
 
     def _apply_retention(self) -> None:
-        steps = self.storage.list_steps()
-        valid = [s for s in steps if self._manifest_ok(s)]
-        protect = [self.resume_step] if self.resume_step is not None else []
-        victims = layout.retention_victims(valid, keep=self.keep, protect=protect)
-        if valid:
-            oldest_kept = sorted(valid, reverse=True)[: self.keep][-1]
-            # Partial checkpoints older than everything kept can no longer complete.
-            victims += [s for s in steps if s < oldest_kept and s not in valid and s not in protect]
-        for step in victims:
-            logger.info("retention: deleting checkpoint step %s", step)
-            self.storage.delete(step)
+        listed = self.storage.list_checkpoints()
+        # What this attempt continued from: what it restored, else what the row named.
+        anchor = self.restored.checkpoint if self.restored is not None else self.resume
+        if self.resume is not None:
+            protect = [self.resume]
+        else:  # only the resume step is known: every checkpoint at it is protected
+            protect = [c for c in listed if c.step == self.resume_step]
+        # Newer attempts' checkpoints are never ours to judge (or delete): do not read them.
+        valid = [c for c in listed if c.attempt <= self.attempt and self._manifest_ok(c)]
+        victims = layout.retention_plan(
+            listed, valid, keep=self.keep, attempt=self.attempt, anchor=anchor, protect=protect
+        )
+        for checkpoint in victims:
+            logger.info("retention: deleting checkpoint %s", checkpoint)
+            self.storage.delete(checkpoint)
 
-    def _manifest_ok(self, step: int) -> bool:
-        raw = self.storage.read_manifest(step)
+    def _manifest_ok(self, checkpoint: CheckpointId) -> bool:
+        raw = self.storage.read_manifest(checkpoint)
         if raw is None:
             return False
         try:
-            layout.parse_manifest(raw, expect_job_id=self.job_id, expect_step=step)
+            layout.parse_manifest_at(raw, checkpoint, job_id=self.job_id)
         except layout.InvalidManifest:
             return False
         return True
@@ -729,56 +877,71 @@ class Checkpointer:
         """Find, fetch and verify the newest valid checkpoint; its files stay local."""
         restore_root = os.path.join(self.staging_dir, "restore")
         shutil.rmtree(restore_root, ignore_errors=True)
-        found: dict[int, tuple[Manifest, dict[str, str]]] = {}
+        found: dict[CheckpointId, tuple[Manifest, dict[str, str]]] = {}
         self._buffer_step = None
 
-        def verify(step: int) -> str | None:
-            dest = os.path.join(restore_root, f"{step:012d}")
+        def verify(checkpoint: CheckpointId) -> str | None:
+            if checkpoint.attempt > self.attempt:
+                # Checked on the key, before anything is fetched: the manifest must agree.
+                return f"written by attempt {checkpoint.attempt}, newer than this attempt {self.attempt}"
+            dest = os.path.join(restore_root, checkpoint.name)
             outcome = (
-                self._verify_into_buffer(step, dest)
+                self._verify_into_buffer(checkpoint, dest)
                 if _into_buffer
-                else layout.verify_checkpoint(self.storage, step, job_id=self.job_id, dest_dir=dest)
+                else layout.verify_checkpoint(self.storage, checkpoint, job_id=self.job_id, dest_dir=dest)
             )
             if isinstance(outcome, str):
                 return outcome
             manifest, paths = outcome
-            if manifest.attempt > self.attempt:
-                return f"written by attempt {manifest.attempt}, newer than this attempt {self.attempt}"
-            found[step] = (manifest, paths)
+            found[checkpoint] = (manifest, paths)
             if _into_buffer and DATA_FILE in paths:
-                self._buffer_step = step
+                self._buffer_step = checkpoint.step
             return None
 
         def on_skip(skipped: Skipped) -> None:
-            logger.warning("checkpoint skipped: %s: %s", self.storage.describe(skipped.step), skipped.reason)
+            logger.warning(
+                "checkpoint skipped: %s: %s", self.storage.describe(skipped.checkpoint), skipped.reason
+            )
 
+        listed = self.storage.list_checkpoints()
+        if self.resume is not None and self.resume not in listed:
+            logger.warning(
+                "the job's resume point %s is not in %s: looking for an older one",
+                self.resume,
+                self.storage.describe(self.resume),
+            )
         selection = layout.select_newest_valid(
-            self.storage.list_steps(), verify, at_most=self.resume_step, on_skip=on_skip
+            listed, verify, at_most=self.resume_step, prefer=self.resume, on_skip=on_skip
         )
-        if selection.step is None:
+        chosen = selection.checkpoint
+        if chosen is None:
             self.fresh_reason = selection.reason
             logger.warning("starting fresh: %s", selection.reason)
             return None
-        manifest, paths = found[selection.step]
-        self.restored_step = selection.step
-        self.restored = Restored(step=selection.step, manifest=manifest, paths=paths)
-        logger.info(
-            "restoring checkpoint step %s from %s", selection.step, self.storage.describe(selection.step)
-        )
+        if self.resume is not None and chosen != self.resume:
+            logger.warning(
+                "the job's resume point %s is not usable: restoring %s instead", self.resume, chosen
+            )
+        manifest, paths = found[chosen]
+        self.restored_step = chosen.step
+        self.restored = Restored(step=chosen.step, manifest=manifest, paths=paths)
+        logger.info("restoring checkpoint %s from %s", chosen, self.storage.describe(chosen))
         return self.restored
 
-    def _verify_into_buffer(self, step: int, dest_dir: str) -> tuple[Manifest, dict[str, str]] | str:
+    def _verify_into_buffer(
+        self, checkpoint: CheckpointId, dest_dir: str
+    ) -> tuple[Manifest, dict[str, str]] | str:
         """`layout.verify_checkpoint`, except that the data file is hashed while it is read
         into the host buffer (one pass): same checks, same reasons."""
-        raw = self.storage.read_manifest(step)
+        raw = self.storage.read_manifest(checkpoint)
         if raw is None:
             return "missing manifest (incomplete or killed mid-upload)"
         try:
-            manifest = layout.parse_manifest(raw, expect_job_id=self.job_id, expect_step=step)
+            manifest = layout.parse_manifest_at(raw, checkpoint, job_id=self.job_id)
         except layout.InvalidManifest as exc:
             return str(exc)
         try:
-            paths = self.storage.fetch(step, manifest.files, dest_dir)
+            paths = self.storage.fetch(checkpoint, manifest.files, dest_dir)
         except (layout.FetchFailed, OSError) as exc:
             return str(exc)
         for entry in manifest.files:
@@ -804,6 +967,22 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def _epoch(deadline: str | float | None) -> float | None:
+    """A request's deadline as epoch seconds (ISO 8601 from the agent, or a number)."""
+    if deadline is None or deadline == "":
+        return None
+    if isinstance(deadline, int | float):
+        return float(deadline)
+    try:
+        moment = datetime.fromisoformat(deadline.replace("Z", "+00:00"))
+    except ValueError:
+        logger.warning("ignoring a checkpoint deadline that is not ISO 8601: %r", deadline)
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 class _Superseded(RuntimeError):

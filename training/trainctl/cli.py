@@ -43,3 +43,7 @@ register_rehearse(app)
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # `python -m trainctl.cli`, where the `trainctl` script is not on PATH
+    main()

@@ -54,7 +54,11 @@ def _agent_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shutdown-command",
         default="shutdown -h now",
-        help="run after the job succeeds ('' to keep the machine up, e.g. locally)",
+        help=(
+            "run when this instance's attempt is over: succeeded, failed, superseded or never "
+            "given a resume point; not after an interruption notice or SIGTERM "
+            "('' to keep the machine up, e.g. locally)"
+        ),
     )
     parser.add_argument(
         "command", nargs=argparse.REMAINDER, help="-- the training command (default: the job row's)"
@@ -180,6 +184,7 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
             imds=imds,
             logs=shipper,
         )
+        agent.install_signal_handlers()  # SIGTERM: checkpoint, stop the child, exit
         return agent.run()
     finally:
         if shipper is not None:
@@ -187,12 +192,25 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
 
 
 def checkpoint_now_main(argv: Sequence[str] | None = None) -> int:
-    """`trainctl checkpoint-now --job-id X --deadline ISO`: 0 once durable, 2 otherwise."""
+    """`trainctl checkpoint-now --job-id X --deadline ISO [--mode stop|continue]`: 0 once
+    durable, 2 otherwise (not durable by the deadline, no agent, no Checkpointer)."""
+    from trainctl_core.settings import CHECKPOINT_MODE_STOP, CHECKPOINT_MODES
+
     parser = argparse.ArgumentParser(
         prog="trainctl checkpoint-now", description="Ask the agent for a checkpoint now."
     )
     parser.add_argument("--job-id", default=os.environ.get(env.JOB_ID))
-    parser.add_argument("--deadline", help="ISO 8601; the wait ends a few seconds before it")
+    parser.add_argument(
+        "--deadline",
+        help="ISO 8601; the checkpoint must be durable by then (the wait ends a few seconds before it)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=CHECKPOINT_MODES,
+        default=CHECKPOINT_MODE_STOP,
+        help="stop: training stops after the checkpoint (interruption notice); "
+        "continue: it goes on (rebalance recommendation)",
+    )
     parser.add_argument("--socket", default=os.environ.get(env.AGENT_SOCKET, env.DEFAULT_AGENT_SOCKET))
     parser.add_argument(
         "--timeout", type=float, default=None, help="seconds (default: until the deadline, else 115)"
@@ -203,11 +221,15 @@ def checkpoint_now_main(argv: Sequence[str] | None = None) -> int:
 
     timeout = args.timeout or _seconds_until(args.deadline) or 115.0
     try:
-        answer = request_checkpoint(args.socket, job_id=args.job_id, deadline=args.deadline, timeout=timeout)
+        answer = request_checkpoint(
+            args.socket, job_id=args.job_id, deadline=args.deadline, timeout=timeout, mode=args.mode
+        )
     except CheckpointRequestFailed as exc:
-        print(f"trainctl checkpoint-now: checkpoint not durable: {exc}", file=sys.stderr)
+        when = f" by the deadline {args.deadline}" if args.deadline else ""
+        print(f"trainctl checkpoint-now: checkpoint not durable{when}: {exc}", file=sys.stderr)
         return EXIT_CHECKPOINT_FAILED
-    print(f"checkpoint durable: step {answer.get('step')} at {answer.get('prefix')}")
+    after = "training stops" if args.mode == CHECKPOINT_MODE_STOP else "training continues"
+    print(f"checkpoint durable: step {answer.get('step')} at {answer.get('prefix')} ({after})")
     return 0
 
 

@@ -19,9 +19,18 @@ from trainctl.agent import imds
 
 
 class FakeImds:
-    def __init__(self, instance_id: str = "i-0123456789abcdef0", tags: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        instance_id: str = "i-0123456789abcdef0",
+        tags: dict[str, str] | None = None,
+        *,
+        instance_type: str | None = None,
+        zone: str | None = None,
+    ) -> None:
         self.instance_id = instance_id
         self.tags = dict(tags or {})
+        self.instance_type = instance_type
+        self.zone = zone
         self.instance_action: dict[str, str] | None = None
         self.rebalance: dict[str, str] | None = None
         self.tokens: set[str] = set()
@@ -75,6 +84,10 @@ class FakeImds:
             return json.dumps(self.instance_action)
         if path == imds.REBALANCE_PATH and self.rebalance:
             return json.dumps(self.rebalance)
+        if path == imds.INSTANCE_TYPE_PATH:
+            return self.instance_type
+        if path == imds.ZONE_PATH:
+            return self.zone
         if path.startswith(imds.TAGS_PATH):
             return self.tags.get(path[len(imds.TAGS_PATH) :])
         return None

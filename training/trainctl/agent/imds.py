@@ -37,6 +37,8 @@ INSTANCE_ID_PATH = "/latest/meta-data/instance-id"
 INSTANCE_ACTION_PATH = "/latest/meta-data/spot/instance-action"
 REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 TAGS_PATH = "/latest/meta-data/tags/instance/"
+INSTANCE_TYPE_PATH = "/latest/meta-data/instance-type"
+ZONE_PATH = "/latest/meta-data/placement/availability-zone"
 TOKEN_TTL_SECONDS = 21600
 
 
@@ -125,6 +127,13 @@ class ImdsClient:
     def tag(self, key: str) -> str | None:
         value = self.get(TAGS_PATH + key)
         return value.strip() if value else None
+
+    def pool(self) -> str | None:
+        """The capacity pool this instance came from: `<instance type>@<availability zone>`."""
+        instance_type, zone = self.get(INSTANCE_TYPE_PATH), self.get(ZONE_PATH)
+        if not instance_type or not zone:
+            return None
+        return f"{instance_type.strip()}@{zone.strip()}"
 
     def instance_action(self) -> InstanceAction | None:
         body = self.get(INSTANCE_ACTION_PATH)

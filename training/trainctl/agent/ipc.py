@@ -3,10 +3,11 @@
 A unix stream socket speaking JSON lines. Peers:
 
 * the training process's Checkpointer (`AgentConnection`): says `hello`, reports
-  `progress` and `durable` checkpoints, asks `fence` ("am I still current?") before it
-  publishes a manifest; the agent pushes `checkpoint` requests to it;
+  `progress`, `durable` checkpoints (with `answers`: the newest request id its snapshot
+  answers) and `checkpoint-failed`, asks `fence` ("am I still current?") before it
+  writes; the agent pushes `checkpoint` requests to it (`id`, `stop`, `deadline`);
 * `trainctl checkpoint-now` (`request_checkpoint`), run by the SSM document: sends
-  `checkpoint-now` and waits for `checkpoint-done`.
+  `checkpoint-now` (`mode`: stop | continue, `deadline`) and waits for `checkpoint-done`.
 """
 
 from __future__ import annotations
@@ -161,6 +162,10 @@ class AgentConnection:
         self._ids = itertools.count(1)
         self._waiters: dict[int, tuple[threading.Event, list[Any]]] = {}
         self._target: Any = None
+        # Requests that arrived between `hello` and `attach` (the Checkpointer still being
+        # built): kept for it, not dropped (a notice during start-up must not be lost).
+        self._early: list[dict[str, Any]] = []
+        self._target_lock = threading.Lock()
         self._broken = False
         threading.Thread(target=self._read_loop, name="trainctl-agent-link", daemon=True).start()
 
@@ -178,8 +183,21 @@ class AgentConnection:
         return link
 
     def attach(self, checkpointer: Any) -> None:
-        """Route the agent's `checkpoint` requests to `checkpointer.request(stop=...)`."""
-        self._target = checkpointer
+        """Route the agent's `checkpoint` requests to `checkpointer.request(...)`."""
+        with self._target_lock:
+            self._target = checkpointer
+            early, self._early = self._early, []
+        for message in early:
+            self._deliver(checkpointer, message)
+
+    @staticmethod
+    def _deliver(target: Any, message: dict[str, Any]) -> None:
+        ref = message.get("id")
+        target.request(
+            stop=bool(message.get("stop")),
+            deadline=message.get("deadline"),
+            ref=int(ref) if isinstance(ref, int) else None,
+        )
 
     def send(self, message: dict[str, Any]) -> None:
         if self._broken:
@@ -207,8 +225,13 @@ class AgentConnection:
     def _read_loop(self) -> None:
         for message in _read_lines(self._sock):
             op = message.get("op")
-            if op == "checkpoint" and self._target is not None:
-                self._target.request(stop=bool(message.get("stop")))
+            if op == "checkpoint":
+                with self._target_lock:
+                    target = self._target
+                    if target is None:
+                        self._early.append(message)
+                if target is not None:
+                    self._deliver(target, message)
             elif op == "fence-reply":
                 waiter = self._waiters.get(int(message.get("id", 0)))
                 if waiter:
@@ -230,9 +253,13 @@ class CheckpointRequestFailed(RuntimeError):
 
 
 def request_checkpoint(
-    path: str, *, job_id: str | None, deadline: str | None, timeout: float
+    path: str, *, job_id: str | None, deadline: str | None, timeout: float, mode: str = "stop"
 ) -> dict[str, Any]:
-    """Ask the agent for a checkpoint now and wait until it is durable; returns its answer."""
+    """Ask the agent for a checkpoint now and wait until it is durable; returns its answer.
+
+    `mode` "stop": training stops after it (an interruption notice); "continue": it goes
+    on (a rebalance recommendation).
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -241,7 +268,10 @@ def request_checkpoint(
         raise CheckpointRequestFailed(f"agent socket {path} unreachable: {exc}") from exc
     try:
         sock.sendall(
-            (json.dumps({"op": "checkpoint-now", "job_id": job_id, "deadline": deadline}) + "\n").encode()
+            (
+                json.dumps({"op": "checkpoint-now", "job_id": job_id, "deadline": deadline, "mode": mode})
+                + "\n"
+            ).encode()
         )
         try:
             for message in _read_lines_blocking(sock):

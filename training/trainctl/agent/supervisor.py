@@ -9,20 +9,31 @@ Lifecycle of one attempt on one instance:
 3. while it runs: IMDSv2 polled every 5 s (backup signal), IPC endpoint for the SSM
    document's `trainctl checkpoint-now`, heartbeats to the row, every durable checkpoint
    recorded on the row (fenced on instance + attempt);
-4. on a notice: forward it to the child (IPC message + SIGUSR1), wait for the durable
-   checkpoint, record it as final and complete the workflow's handshake;
-5. child exit 0 -> SUCCEEDED and shut the instance down; non-zero -> FAILED with the exit
-   code and log tail (never relaunched: a user bug would loop); after a notice -> nothing
-   (the resume workflow owns the job now).
+4. on a notice (SSM `--mode stop`, IMDS instance-action, SIGTERM): forward it to the
+   child (IPC message, or SIGUSR1 if it has no link), wait for the durable checkpoint
+   that answers it, record it as final and complete the workflow's handshake; on a
+   rebalance (SSM `--mode continue`, IMDS recommendation): the same checkpoint, recorded
+   as an ordinary one, and training goes on;
+5. child exit 0 -> SUCCEEDED; non-zero -> FAILED with the exit code and log tail (never
+   relaunched: a user bug would loop); after a notice or SIGTERM -> nothing (the resume
+   workflow owns the job now, or whoever stops the machine does).
+
+Every terminal outcome of this instance's attempt (SUCCEEDED, FAILED, stood down, no
+resume point) ends with the shutdown command: nothing else will use the instance.
 
 A fenced write refused with `Superseded` means another attempt owns the job: stop the
 child and stand down.
+
+Requests to the child are numbered; the child's `durable` message says which request
+its snapshot answers, so a checkpoint whose snapshot predates the stop notice (a
+rebalance checkpoint still uploading when the notice came) is never taken as final.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -32,14 +43,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from trainctl import runtime_env as env
+from trainctl.agent import recovery_metrics
 from trainctl.agent.imds import ImdsClient, ImdsUnavailable
 from trainctl.agent.ipc import IpcServer, Peer
 from trainctl_core import jobs
 from trainctl_core.jobs import CheckpointKind, CheckpointRef, Job, JobStatus
+from trainctl_core.settings import CHECKPOINT_MODE_STOP, CHECKPOINT_MODES
 from trainctl_core.store import ConcurrentUpdate, JobNotFound, Superseded
 
 logger = logging.getLogger("trainctl.agent")
@@ -47,6 +60,9 @@ logger = logging.getLogger("trainctl.agent")
 EXIT_OK = 0
 EXIT_STOOD_DOWN = 3
 EXIT_NO_RESUME_POINT = 4
+
+FAILURE_REASON_LIMIT = 3000
+"""Characters of the FAILED reason on the job row (the exit code and the log tail)."""
 
 
 class Store(Protocol):
@@ -91,18 +107,38 @@ class AgentConfig:
     heartbeat_seconds: float = 30.0
     resume_wait_seconds: float = 900.0
     resume_poll_seconds: float = 2.0
+    # Deadline of a checkpoint request that comes without one (IMDS rebalance, an SSM
+    # request without --deadline): the child's urgent save gives up after it.
     urgent_timeout_seconds: float = 110.0
     shutdown_command: list[str] | None = None
     log_tail_lines: int = 30
     stop_grace_seconds: float = 10.0
+    # SIGTERM (systemd stop, `docker stop`): checkpoint and stop within this; the unit's
+    # TimeoutStopSec / --stop-timeout (110 s) leave the rest for the stop itself.
+    terminate_grace_seconds: float = 100.0
 
 
 @dataclass
 class _Notice:
+    """A checkpoint request: `stop` (a notice: training ends after it) or not (rebalance)."""
+
     stop: bool
     source: str
     deadline: str | None = None
-    final: bool = True
+    id: int = 0  # set when forwarded to the child
+
+
+def failure_reason(returncode: int, tail: list[str], limit: int = FAILURE_REASON_LIMIT) -> str:
+    """The FAILED reason: the exit code and the log tail, cut from the front if too long.
+
+    The end is what matters (the exception and its message come last in a traceback).
+    """
+    head = f"training exited with code {returncode}: "
+    text = "\n".join(tail)
+    room = limit - len(head)
+    if len(text) > room:
+        text = "…" + text[len(text) - room + 1 :]
+    return head + text
 
 
 class Agent:
@@ -130,10 +166,18 @@ class Agent:
         self.ipc = IpcServer(config.socket_path, self._on_message, self._on_disconnect)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._notice: _Notice | None = None
-        self._notice_forwarded = False
-        self._waiters: list[Peer] = []
+        self._request_ids = itertools.count(1)
+        self._stopping = False  # a stop notice arrived: the child's exit is not an outcome
+        self._first_stop_id: int | None = None  # answering it (or later) makes a checkpoint final
+        self._stop_request: _Notice | None = None  # the stop request later requests wait on
+        self._outstanding: _Notice | None = None  # the newest request not answered yet
+        self._answered = 0  # the newest request id a durable checkpoint (or failure) answered
+        self._answer: CheckpointRef | None = None  # the checkpoint that answered it
+        self._seen_rebalance: datetime | None = None
+        self._waiters: list[tuple[Peer, int]] = []  # (checkpoint-now peer, request id)
         self._signal_pids: set[int] = set()
+        self._terminating = threading.Event()
+        self._wake_r, self._wake_w = -1, -1
         self._checkpointers: list[Peer] = []
         self.stood_down = False
         self.final_checkpoint: CheckpointRef | None = None
@@ -143,17 +187,36 @@ class Agent:
         self._rate: float | None = None
         self._progress: collections.deque[tuple[float, int]] = collections.deque(maxlen=30)
         self._imds_down_logged = False
+        self._stop_noticed_at: datetime | None = None  # when the first stop notice reached us
+        self._boot_job: Job | None = None  # the row as this attempt found it (recovery metrics)
+        self._boot_row: dict[str, Any] = {}
+        self._resume_reported = False
+        self._metric_threads: list[threading.Thread] = []
 
     # --- entry point ------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Run the attempt; the exit code. A terminal outcome ends with the shutdown command."""
+        code, terminal = self._run()
+        self.wait_for_metrics()
+        if terminal:
+            self._flush_logs()  # the outcome and its metric line, before the machine goes
+            self._shutdown()
+        return code
+
+    def _run(self) -> tuple[int, bool]:
         job = self._wait_for_resume_point()
         if job is not None and self.logs is not None:
             self.logs.bind_attempt(self.attempt)  # the stream is <job>/<attempt>/<instance>
         if job is None:
-            return EXIT_NO_RESUME_POINT if not self.stood_down else EXIT_STOOD_DOWN
+            if self._terminating.is_set():
+                return EXIT_OK, False  # stopped from outside before there was anything to run
+            return (EXIT_NO_RESUME_POINT if not self.stood_down else EXIT_STOOD_DOWN), True
         if not self._mark_running(job):
-            return EXIT_STOOD_DOWN
+            return EXIT_STOOD_DOWN, True
+        self._remember_boot_row()
+        if self._terminating.is_set():
+            return EXIT_OK, False
         self.ipc.start()
         try:
             self._start_child(job)
@@ -163,12 +226,75 @@ class Agent:
             for thread in threads:
                 thread.start()
             assert self.child is not None
+            if self._terminating.is_set():
+                # SIGTERM came while the child was starting: its handler found no child.
+                threading.Thread(target=self._stop_for_terminate, daemon=True).start()
             returncode = self.child.wait()
             self._drain_output()
             return self._on_child_exit(returncode)
         finally:
             self._stopped.set()
             self.ipc.stop()
+
+    def _shutdown(self) -> None:
+        if not self.config.shutdown_command:
+            return
+        logger.info("nothing left for this instance to run: shutting it down")
+        self._flush_logs()
+        subprocess.run(self.config.shutdown_command, check=False)
+
+    # --- SIGTERM ------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM (systemd stopping the unit, `docker stop`, an OS shutdown) becomes a stop
+        notice with a deadline: checkpoint, stop the child, exit. Main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # A Python signal handler runs between two bytecodes of the main thread and must
+        # not take a lock that thread may hold: it only writes a byte to a pipe, and a
+        # thread waiting on the pipe does the work.
+        self._wake_r, self._wake_w = os.pipe()
+        threading.Thread(target=self._wait_for_sigterm, name="trainctl-sigterm", daemon=True).start()
+        signal.signal(signal.SIGTERM, lambda *_: os.write(self._wake_w, b"T"))
+
+    def _wait_for_sigterm(self) -> None:
+        with contextlib.suppress(OSError):
+            if os.read(self._wake_r, 1):
+                self.terminate()
+
+    def terminate(self) -> None:
+        """Stop on request: a final checkpoint if the child can take one, then stop it.
+
+        Returns once the child is gone (its durable checkpoint recorded first) or the
+        grace period (`terminate_grace_seconds`) is over.
+        """
+        if self._terminating.is_set():
+            return
+        self._terminating.set()
+        logger.warning(
+            "SIGTERM: checkpointing and stopping training within %.0f s", self.config.terminate_grace_seconds
+        )
+        self._stop_for_terminate()
+
+    def _stop_for_terminate(self) -> None:
+        child = self.child
+        if child is None or child.poll() is not None:
+            return
+        # The child's checkpoint gets the grace period but the last few seconds, which are
+        # for stopping it the hard way if it did not stop by itself after the checkpoint.
+        budget = max(0.0, self.config.terminate_grace_seconds - self.config.stop_grace_seconds)
+        with self._lock:
+            can_checkpoint = bool(self._checkpointers or self._signal_pids)
+        if can_checkpoint:
+            deadline = jobs.format_time(self.now() + timedelta(seconds=budget))
+            self.notice(_Notice(stop=True, source="sigterm", deadline=deadline))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(budget)
+            if child.poll() is None:
+                logger.warning("training did not stop after its checkpoint in time: stopping it")
+        else:
+            logger.warning("the training process has no trainctl Checkpointer: stopping it without one")
+        self._stop_child()
 
     # --- 1. resume point --------------------------------------------------------------------------
 
@@ -210,7 +336,9 @@ class Agent:
                     self.config.resume_wait_seconds,
                 )
                 return None
-            time.sleep(self.config.resume_poll_seconds)
+            if self._terminating.wait(self.config.resume_poll_seconds):
+                logger.info("stopped while waiting for the resume point")
+                return None
 
     def _mark_running(self, job: Job) -> bool:
         for _ in range(5):
@@ -283,10 +411,17 @@ class Agent:
             if self.logs is not None:
                 self.logs.write(line)
 
-    def _drain_output(self) -> None:
+    def _drain_output(self, timeout: float = 10.0) -> None:
         self._output.join(timeout=5)
-        # Durable messages sent just before exit must be recorded before we decide.
-        time.sleep(0.2)
+        # Durable messages sent just before exit must be recorded before we decide (and
+        # before the agent exits): the child's connection ends only after the server
+        # handled each of its messages. Bounded: a forked grandchild may hold it open.
+        ends = time.monotonic() + timeout
+        while time.monotonic() < ends:
+            with self._lock:
+                if not self._checkpointers:
+                    return
+            time.sleep(0.05)
 
     def _stop_child(self) -> None:
         child = self.child
@@ -305,26 +440,26 @@ class Agent:
         if self.logs is not None and not self.logs.flush():
             logger.warning("not every log line reached CloudWatch Logs before the job's outcome")
 
-    def _on_child_exit(self, returncode: int) -> int:
+    def _on_child_exit(self, returncode: int) -> tuple[int, bool]:
+        """(exit code, whether this is the attempt's terminal outcome)."""
         # Before the outcome: `trainctl logs --follow` stops once the job is terminal.
         self._flush_logs()
         if self.stood_down:
-            return EXIT_STOOD_DOWN
-        if self._notice is not None and self._notice.stop:
+            return EXIT_STOOD_DOWN, True
+        if self._terminating.is_set():
+            # Stopped from outside (systemd, docker): whoever stops us owns what comes next.
+            logger.info("training stopped on SIGTERM (exit %s)", returncode)
+            return EXIT_OK, False
+        if self._stopping:
             # The resume workflow owns the job now; the instance is about to go.
             logger.info("training stopped after the interruption notice (exit %s)", returncode)
-            return EXIT_OK
+            return EXIT_OK, False
         if returncode == 0:
             self._finish(succeeded=True, reason=None)
-            if self.config.shutdown_command:
-                logger.info("job succeeded: shutting the instance down")
-                self._flush_logs()
-                subprocess.run(self.config.shutdown_command, check=False)
-            return EXIT_OK
-        tail = "\n".join(list(self.log_tail)[-15:])
-        reason = f"training exited with code {returncode}: {tail}"[:3000]
+            return EXIT_OK, True
+        reason = failure_reason(returncode, list(self.log_tail)[-15:])
         self._finish(succeeded=False, reason=reason)
-        return returncode if returncode > 0 else 128 - returncode
+        return (returncode if returncode > 0 else 128 - returncode), True
 
     def _finish(self, *, succeeded: bool, reason: str | None) -> None:
         for _ in range(5):
@@ -339,6 +474,7 @@ class Agent:
                     transition = jobs.mark_failed(job, reason=reason or "training failed", now=self.now())
                 self.store.apply(transition)
                 logger.info("job %s %s", job.job_id, "SUCCEEDED" if succeeded else f"FAILED: {reason}")
+                self._emit(lambda: [recovery_metrics.outcome_line(self.config.job_id, succeeded=succeeded)])
                 return
             except ConcurrentUpdate:
                 continue
@@ -362,56 +498,97 @@ class Agent:
                 logger.exception("IMDS poll failed")
                 continue
             if action is not None:
+                # Polled again every few seconds: `notice` forwards a stop only once.
                 self.notice(
                     _Notice(stop=True, source=f"imds:{action.action}", deadline=jobs.format_time(action.time))
                 )
-            elif rebalance is not None:
-                self.notice(_Notice(stop=False, final=False, source="imds:rebalance"))
+            elif rebalance is not None and rebalance.notice_time != self._seen_rebalance:
+                # The recommendation stays in IMDS once issued: one checkpoint per recommendation,
+                # then training continues (like the SSM document's Mode=continue).
+                self._seen_rebalance = rebalance.notice_time
+                self.notice(_Notice(stop=False, source="imds:rebalance", deadline=self._default_deadline()))
+
+    def _default_deadline(self) -> str:
+        return jobs.format_time(self.now() + timedelta(seconds=self.config.urgent_timeout_seconds))
 
     def notice(self, notice: _Notice, waiter: Peer | None = None) -> None:
-        """A checkpoint is wanted (notice or rebalance); forward it to the child once."""
+        """A checkpoint is wanted (notice or rebalance): forward it to the child, unless a
+        request it can wait on is already on its way.
+
+        Once a stop was forwarded, every later request waits for the stop's checkpoint; a
+        "continue" request waits for one still in flight. `waiter` (a `checkpoint-now`
+        peer) is answered when the checkpoint answering the request is durable.
+        """
         with self._lock:
+            if notice.stop:
+                self._stopping = True
+                if self._stop_noticed_at is None:
+                    self._stop_noticed_at = self.now()
+            target = self._stop_request
+            if target is None and not notice.stop:
+                target = self._outstanding
+            forward = target is None
+            if target is None:
+                notice.id = next(self._request_ids)
+                if notice.stop:
+                    self._stop_request = notice
+                    if self._first_stop_id is None:
+                        self._first_stop_id = notice.id
+                self._outstanding = notice
+                target = notice
             if waiter is not None:
-                self._waiters.append(waiter)
-            escalate = self._notice is None or (notice.stop and not self._notice.stop)
-            if not escalate:
-                if waiter is not None and self.final_checkpoint is not None:
-                    self._answer_waiters()
-                return
-            self._notice = notice
+                self._waiters.append((waiter, target.id))
+            answered = target.id <= self._answered
             checkpointers = list(self._checkpointers)
             pids = set(self._signal_pids)
+        if answered and self._answer is not None:
+            self._answer_waiters(self._answered, self._answer)  # e.g. the SSM document sent twice
+        if not checkpointers and not pids:
+            # Still forwarded when the training process connects (`hello`), but nobody
+            # can promise the waiter a checkpoint now.
+            self._fail_waiters(target.id, "the training process has no trainctl Checkpointer connected")
+        if not forward:
+            return
         logger.info(
-            "checkpoint requested (%s, stop=%s, deadline=%s)", notice.source, notice.stop, notice.deadline
+            "checkpoint requested (%s, %s, deadline=%s, request %s)",
+            notice.source,
+            "then stop" if notice.stop else "then continue",
+            notice.deadline,
+            notice.id,
         )
         if not checkpointers and not pids:
-            self._fail_waiters("the training process has no trainctl Checkpointer connected")
             return
-        for peer in checkpointers:
-            peer.send({"op": "checkpoint", "stop": notice.stop, "deadline": notice.deadline})
-        for pid in pids:
+        message = {"op": "checkpoint", "id": notice.id, "stop": notice.stop, "deadline": notice.deadline}
+        linked = {peer.pid for peer in checkpointers if peer.send(message)}
+        # The signal only where no link carried the message: the link's request names
+        # this request (its id comes back with the checkpoint), a signal cannot.
+        for pid in pids - linked:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1 if notice.stop else signal.SIGUSR2)
 
-    def _answer_waiters(self) -> None:
-        checkpoint = self.final_checkpoint
+    def _answer_waiters(self, upto: int, checkpoint: CheckpointRef) -> None:
         with self._lock:
-            waiters, self._waiters = self._waiters, []
-        for peer in waiters:
+            done = [peer for peer, wanted in self._waiters if wanted <= upto]
+            self._waiters = [(peer, wanted) for peer, wanted in self._waiters if wanted > upto]
+        for peer in done:
             peer.send(
-                {
-                    "op": "checkpoint-done",
-                    "ok": True,
-                    "step": checkpoint.step if checkpoint else None,
-                    "prefix": checkpoint.prefix if checkpoint else None,
-                }
+                {"op": "checkpoint-done", "ok": True, "step": checkpoint.step, "prefix": checkpoint.prefix}
             )
 
-    def _fail_waiters(self, error: str) -> None:
+    def _fail_waiters(self, upto: int | None, error: str) -> None:
+        """Fail the waiters of requests up to `upto` (None: all of them)."""
         with self._lock:
-            waiters, self._waiters = self._waiters, []
-        for peer in waiters:
+            done = [peer for peer, wanted in self._waiters if upto is None or wanted <= upto]
+            self._waiters = [(p, w) for p, w in self._waiters if upto is not None and w > upto]
+        for peer in done:
             peer.send({"op": "checkpoint-done", "ok": False, "error": error})
+
+    def _answered_by(self, answers: int) -> None:
+        """Requests up to `answers` have their answer: later ones must be forwarded anew."""
+        with self._lock:
+            self._answered = max(self._answered, answers)
+            if self._outstanding is not None and self._outstanding.id <= answers:
+                self._outstanding = None
 
     # --- IPC --------------------------------------------------------------------------------------------
 
@@ -421,10 +598,12 @@ class Agent:
             peer.kind, peer.pid = str(message.get("kind")), message.get("pid")
             with self._lock:
                 self._checkpointers.append(peer)
-                pending = self._notice
+                pending = self._outstanding
             if pending is not None:
-                # A notice that arrived before the training process connected.
-                peer.send({"op": "checkpoint", "stop": pending.stop, "deadline": pending.deadline})
+                # A request that arrived before the training process connected.
+                peer.send(
+                    {"op": "checkpoint", "id": pending.id, "stop": pending.stop, "deadline": pending.deadline}
+                )
         elif op == "signals":
             with self._lock:
                 self._signal_pids.add(int(message["pid"]))
@@ -432,30 +611,63 @@ class Agent:
             self._on_progress(int(message["step"]), float(message.get("t", time.time())))
         elif op == "durable":
             self._on_durable(message)
+        elif op == "checkpoint-failed":
+            self._on_checkpoint_failed(message)
         elif op == "fence":
             peer.send({"op": "fence-reply", "id": message.get("id"), "current": self._is_current()})
         elif op == "checkpoint-now":
-            if message.get("job_id") not in (None, self.config.job_id):
-                peer.send(
-                    {
-                        "op": "checkpoint-done",
-                        "ok": False,
-                        "error": f"this agent runs job {self.config.job_id}",
-                    }
-                )
-                return
-            self.notice(_Notice(stop=True, source="ssm", deadline=message.get("deadline")), waiter=peer)
+            self._on_checkpoint_now(peer, message)
         else:
             logger.warning("ipc: unknown op %r", op)
+
+    def _on_checkpoint_now(self, peer: Peer, message: dict[str, Any]) -> None:
+        if message.get("job_id") not in (None, self.config.job_id):
+            peer.send(
+                {"op": "checkpoint-done", "ok": False, "error": f"this agent runs job {self.config.job_id}"}
+            )
+            return
+        mode = message.get("mode") or CHECKPOINT_MODE_STOP
+        if mode not in CHECKPOINT_MODES:
+            peer.send(
+                {
+                    "op": "checkpoint-done",
+                    "ok": False,
+                    "error": f"unknown mode {mode!r} (expected one of: {', '.join(CHECKPOINT_MODES)})",
+                }
+            )
+            return
+        deadline = message.get("deadline") or self._default_deadline()
+        notice = _Notice(stop=mode == CHECKPOINT_MODE_STOP, source=f"ssm:{mode}", deadline=deadline)
+        self.notice(notice, waiter=peer)
+
+    def _on_checkpoint_failed(self, message: dict[str, Any]) -> None:
+        answers = message.get("answers")
+        if isinstance(answers, int):
+            self._requests_failed(answers, str(message.get("error") or "the checkpoint failed"))
+
+    def _requests_failed(self, answers: int, error: str) -> None:
+        logger.warning("the requested checkpoint failed (request %s): %s", answers, error)
+        self._answered_by(answers)
+        with self._lock:
+            if self._stop_request is not None and self._stop_request.id <= answers:
+                # A later stop request (the SSM document again, IMDS on its next poll)
+                # asks the child for a new one.
+                self._stop_request = None
+        self._fail_waiters(answers, error)
 
     def _on_disconnect(self, peer: Peer) -> None:
         with self._lock:
             if peer in self._checkpointers:
                 self._checkpointers.remove(peer)
-            if peer in self._waiters:
-                self._waiters.remove(peer)
+            self._waiters = [(p, wanted) for p, wanted in self._waiters if p is not peer]
 
     def _on_progress(self, step: int, at: float) -> None:
+        with self._lock:
+            first = not self._resume_reported
+            self._resume_reported = True
+        if first:
+            resumed_at = self.now()  # training is running again: the moment a recovery ends
+            self._emit(lambda: self._resumed_lines(resumed_at))
         with self._lock:
             self._step = step
             self._progress.append((at, step))
@@ -463,11 +675,70 @@ class Agent:
                 (t0, s0), (t1, s1) = self._progress[0], self._progress[-1]
                 self._rate = (s1 - s0) / (t1 - t0) if t1 > t0 else self._rate
 
-    def _is_current(self) -> bool:
+    # --- recovery metrics (log lines the stack's metric filters read) ---------------------
+
+    def _remember_boot_row(self) -> None:
+        """The row as this attempt found it: the previous attempt's last heartbeat is
+        still on it, and is gone after this attempt's first heartbeat."""
+        try:
+            self._boot_job = self.store.get(self.config.job_id)
+            self._boot_row = self.store.raw(self.config.job_id)
+        except Exception:
+            logger.warning("cannot read the job row for the recovery metrics", exc_info=True)
+
+    def _resumed_lines(self, resumed_at: datetime) -> list[str]:
+        if self._boot_job is None:
+            return []
+        return recovery_metrics.resumed_lines(
+            self._boot_job, self._boot_row, resumed_at=resumed_at, pool=self._pool()
+        )
+
+    def _pool(self) -> str | None:
+        """`<instance type>@<zone>` from IMDS; None off EC2 (the Replacements line is skipped)."""
+        if self.imds is None:
+            return None
+        try:
+            return self.imds.pool()
+        except ImdsUnavailable:
+            return None
+
+    def _emit(self, lines: Callable[[], list[str]]) -> None:
+        """Write metric lines straight to the log shipper (not through the logging
+        formatter: a metric filter only matches a log event that is one JSON object).
+
+        On a thread of its own: computing them may read the row or IMDS, and metrics
+        never get in the way of training, the handshake or the outcome."""
+        sink = self.logs
+        if sink is None:
+            return
+
+        def report() -> None:
+            try:
+                for line in lines():
+                    sink.write(line)
+            except Exception:
+                logger.warning("recovery metric not reported", exc_info=True)
+
+        thread = threading.Thread(target=report, name="trainctl-metrics", daemon=True)
+        self._metric_threads.append(thread)
+        thread.start()
+
+    def wait_for_metrics(self, timeout: float = 5.0) -> None:
+        """Let the metric lines reach the log sink before it is closed (bounded)."""
+        deadline = time.monotonic() + timeout
+        for thread in list(self._metric_threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _is_current(self) -> bool | None:
+        """Is this attempt still the job's current one? None: the row could not be read."""
         try:
             job = self.store.get(self.config.job_id)
         except JobNotFound:
             return False
+        except Exception:
+            # The Checkpointer treats "no answer" as "do not publish yet" (fail closed).
+            logger.exception("fence: cannot read the job row")
+            return None
         return (
             job.instance_id == self.config.instance_id and job.attempt == self.attempt and not job.is_terminal
         )
@@ -481,8 +752,17 @@ class Agent:
             attempt=self.attempt,
             created_at=datetime.fromisoformat(str(message["created_at"]).replace("Z", "+00:00")),
         )
+        answers = message.get("answers")
+        answers = answers if isinstance(answers, int) else None
         with self._lock:
-            final = bool(message.get("urgent")) and self._notice is not None and self._notice.final
+            # Final only if its snapshot was taken after the stop notice reached the child.
+            first_stop = self._first_stop_id
+            final = (
+                bool(message.get("urgent"))
+                and first_stop is not None
+                and answers is not None
+                and answers >= first_stop
+            )
         try:
             row = self.store.record_checkpoint(
                 self.config.job_id,
@@ -502,17 +782,35 @@ class Agent:
                 # Still this job's attempt: the write lost only on "step never goes back"
                 # (an older checkpoint finished after a newer one). Not a reason to stop.
                 logger.warning("checkpoint at step %s is older than the recorded one: not recorded", ref.step)
+                if answers is not None:
+                    self._requests_failed(
+                        answers, f"checkpoint at step {ref.step} is older than the one on the job row"
+                    )
                 return
             logger.warning("superseded (%s): stopping training and standing down", exc)
             self._stand_down()
             return
         self.last_checkpoint = ref
         logger.info("checkpoint recorded: step %s%s", ref.step, " (final)" if final else "")
-        if not final:
-            return
-        self.final_checkpoint = ref
-        self._complete_handshake(row, ref)
-        self._answer_waiters()
+        if final:
+            if self.final_checkpoint is None:
+                durable_at = self.now()
+                self._emit(
+                    lambda: recovery_metrics.final_checkpoint_lines(
+                        self.store.get(self.config.job_id),
+                        attempt=self.attempt,
+                        durable_at=durable_at,
+                        agent_noticed_at=self._stop_noticed_at,
+                    )
+                )
+            self.final_checkpoint = ref
+            if not self.handshake_completed:
+                self._complete_handshake(row, ref)
+        if answers is not None:
+            with self._lock:
+                self._answer = ref
+            self._answered_by(answers)
+            self._answer_waiters(answers, ref)
 
     def _complete_handshake(self, row: dict[str, Any], ref: CheckpointRef) -> None:
         # DESIGN §2 race rule: the workflow stores its token conditioned on "no final
@@ -543,7 +841,7 @@ class Agent:
 
     def _stand_down(self) -> None:
         self.stood_down = True
-        self._fail_waiters("this agent was superseded by a newer attempt")
+        self._fail_waiters(None, "this agent was superseded by a newer attempt")
         self._stop_child()
 
     # --- heartbeats ------------------------------------------------------------------------

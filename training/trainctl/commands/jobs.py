@@ -38,12 +38,12 @@ from trainctl.commands.output import (
 from trainctl.commands.stack import EXIT_USAGE, CliError, Cloud
 from trainctl.spec import DEFAULT_SPEC_FILE, SpecError, job_id_stem, load_spec
 from trainctl_core import jobs as model
-from trainctl_core.commands import CheckpointCommands, InstanceUnreachable
+from trainctl_core.commands import CheckpointCommands, CheckpointRequestFailed
 from trainctl_core.events import EC2_SOURCE, SPOT_INTERRUPTION_WARNING
 from trainctl_core.jobs import InterruptionReason, Job, JobStatus
 from trainctl_core.settings import TAG_JOB_ID
 from trainctl_core.store import ConcurrentUpdate, JobAlreadyExists, JobStore
-from trainctl_core.workflow import ResumeStarter, resume_input
+from trainctl_core.workflow import ResumeStarter, execution_name_for, resume_input
 
 LIVE_INSTANCE_STATES = ["pending", "running", "stopping", "stopped"]
 
@@ -107,8 +107,15 @@ def submit(
             store.create(job)
         except JobAlreadyExists:
             raise CliError(f"job {job.job_id} already exists", hint="pick another --job-id") from None
+        name = execution_name_for(document)
         try:
-            starter.start(document)
+            if not starter.start(document):
+                # Execution names outlive their job rows (Step Functions keeps them for
+                # 90 days): a reused job id finds its launch name taken.
+                raise CliError(
+                    f"an execution named {name} already exists in the resume state machine",
+                    hint="a job id cannot be reused while its old executions are kept: pick another --job-id",
+                )
         except Exception as exc:
             # A PENDING row nobody will launch would sit there forever: end it with the reason.
             store.apply(model.mark_failed(job, reason=f"launch workflow did not start: {exc}", now=now))
@@ -125,7 +132,7 @@ def _print_submitted(
                 "job_id": job.job_id,
                 "status": job.status,
                 "dry_run": dry_run,
-                "execution_name": job.execution_name,
+                "execution_name": execution_name_for(document),
                 "state_machine_arn": state_machine,
                 "workflow_input": document,
                 "spec": job.spec,
@@ -147,7 +154,7 @@ def _print_submitted(
         f"  policy    {market}; max {limits.max_interruptions} interruptions, {limits.max_hours:g} h{budget}"
     )
     if not dry_run:
-        out.print(f"  workflow  {job.execution_name} (reason launch)")
+        out.print(f"  workflow  {execution_name_for(document)} (reason launch)")
         out.print(f"follow it with: trainctl status {job.job_id}")
 
 
@@ -391,7 +398,9 @@ def _final_checkpoint(cloud: Cloud, store: JobStore, job: Job, grace: float, d: 
         command_id = commands.request_checkpoint(
             instance_id=job.instance_id, job_id=job.job_id, deadline=requested + timedelta(seconds=grace)
         )
-    except InstanceUnreachable as exc:
+    except CheckpointRequestFailed as exc:
+        # The instance is gone, or SSM refused: cancelling goes on without the final
+        # checkpoint (the newest periodic one stays), and the reason is printed.
         return {"requested": False, "landed": False, "detail": str(exc)}
     waited = 0.0
     poll = min(2.0, grace) if grace > 0 else 0.0
@@ -422,7 +431,8 @@ def _mark_cancelled(store: JobStore, job_id: str, now: Any) -> Job:
 
 
 def _execution_names(job_id: str) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(job_id)}-\d+$")
+    """The job's executions: its launch (`<job>-launch`) and its resumes (`<job>-<attempt>`)."""
+    return re.compile(rf"^{re.escape(job_id)}-(?:\d+|{model.LAUNCH_EXECUTION_SUFFIX})$")
 
 
 def _stop_executions(cloud: Cloud, job_id: str) -> list[str]:

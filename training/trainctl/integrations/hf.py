@@ -5,9 +5,11 @@
     trainer.train(resume_from_checkpoint=resume_from_checkpoint(ckpt))
 
 Every checkpoint folder the Trainer writes (`checkpoint-<step>`, per `save_steps`) is
-uploaded as a trainctl checkpoint (hard-linked into staging, hashed, manifest last). On
-the interruption notice the callback makes the Trainer save at the end of the current
-step, waits until that checkpoint is durable and stops training.
+uploaded as a trainctl checkpoint (hard-linked into staging, hashed, manifest last). The
+callback also makes the Trainer save whenever the Checkpointer's interval is due
+(`interval_steps` / `interval_seconds`, i.e. the job's checkpoint interval), so the
+Trainer's `save_steps` can stay large. On the interruption notice it makes the Trainer
+save at the end of the current step, waits until that checkpoint is durable and stops.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ class TrainctlCallback(TrainerCallback):  # type: ignore[misc]
         self.checkpointer = checkpointer
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        self.checkpointer.due(state.global_step)  # progress report to the agent
-        if self.checkpointer.requested:
+        # trainctl's interval (steps or seconds) or a pending notice makes the Trainer save
+        # at the end of this step, on top of the Trainer's own `save_steps`; `on_save`
+        # then uploads the folder. (`due` also reports progress to the agent.)
+        if self.checkpointer.due(state.global_step):
             control.should_save = True
         return control
 

@@ -93,6 +93,16 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     def set_position(self, epoch: int, batch: int) -> None:
         self.epoch, self.start_batch = epoch, batch
 
+    def set_epoch(self, epoch: int) -> None:
+        """The `DistributedSampler` hook frameworks call at each epoch start (Lightning does).
+
+        A resume position belongs to its epoch: it survives the call for that epoch (the
+        framework announcing the epoch being resumed) and is dropped for any other.
+        """
+        if epoch != self.epoch:
+            self.start_batch = 0
+        self.epoch = epoch
+
     def order(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.length))
@@ -106,6 +116,74 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, self.length - self.start_batch * self.batch_size)
+
+
+class DataOrderMismatch(ValueError):
+    """A saved data position was drawn with another seed: resuming would change the order."""
+
+
+class ResumableDataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
+    """A DataLoader whose position (epoch, batches handed out) is part of the checkpoint.
+
+    It implements `state_dict()` / `load_state_dict()`, the stateful-loader protocol
+    Lightning saves into its checkpoints (`loops.fit_loop.combined_loader`) and loads
+    before iterating again, so a run resumed from a mid-epoch checkpoint continues with
+    the first batch it had not trained on instead of replaying the epoch from its start.
+    A plain training loop can use the same two calls around `Checkpointer.save/restore`.
+
+    Batches are counted as they are handed to the consumer, not as workers prefetch them,
+    so the position is exact with `num_workers > 0` too. The shuffled order comes from a
+    `ResumableSampler` (a pure function of seed and epoch). Single process only: a
+    distributed sampler would need the rank in the order as well.
+    """
+
+    def __init__(
+        self, dataset: Any, *, batch_size: int, seed: int, shuffle: bool = True, **kwargs: Any
+    ) -> None:
+        for owned in ("sampler", "batch_sampler"):
+            if owned in kwargs:
+                raise TypeError(f"ResumableDataLoader chooses its own {owned}; do not pass {owned}=")
+        self.resumable_sampler = ResumableSampler(
+            len(dataset), seed=seed, batch_size=batch_size, shuffle=shuffle
+        )
+        super().__init__(dataset, batch_size=batch_size, sampler=self.resumable_sampler, **kwargs)
+        self._served = 0  # batches handed out in the current epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.resumable_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        # Always the whole epoch, also right after a mid-epoch `load_state_dict`:
+        # Lightning counts the resumed batches against this length.
+        length = self.resumable_sampler.length
+        return (
+            length // self.resumable_sampler.batch_size
+            if self.drop_last
+            else -(-length // self.resumable_sampler.batch_size)
+        )
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        # A generator, so nothing below runs before the first batch is asked for: the
+        # framework's `set_epoch` for this epoch (called after `iter()`) is honoured.
+        self._served = self.resumable_sampler.start_batch
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, served = self.resumable_sampler.epoch, self._served
+        if served >= len(self):
+            epoch, served = epoch + 1, 0  # the epoch is finished: the next one starts at 0
+        return {"epoch": epoch, "batch": served, "seed": self.resumable_sampler.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.resumable_sampler.seed) != self.resumable_sampler.seed:
+            raise DataOrderMismatch(
+                f"the checkpoint's data order was drawn with seed {state['seed']}, this loader has "
+                f"seed {self.resumable_sampler.seed}: resuming would train on a different order"
+            )
+        self.resumable_sampler.set_position(int(state["epoch"]), int(state["batch"]))
+        self._served = int(state["batch"])
 
 
 def save_final(state_dict: dict[str, torch.Tensor], path: str) -> str:

@@ -4,12 +4,15 @@ Each queue stands for one function of the template (the rule's target); its envi
 is the function's, as synthesized, with the references resolved to the moto resources.
 The handler modules are imported afresh with that environment (their module-scope wiring
 reads settings and builds clients once, as at a Lambda cold start) and called with a
-Lambda-like context. A failed invocation is left on the queue and retried, like Lambda's
+Lambda-like context. Like Lambda, events are handled concurrently (one invocation per
+event, up to `CONCURRENCY` at once): a burst of warnings must not wait in line for one
+another's handlers. A failed invocation is left on the queue and retried, like Lambda's
 async retries; after three attempts it is parked and reported.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -28,6 +31,8 @@ from trainctl.rehearse.cloud import ACCOUNT, Provisioned
 logger = logging.getLogger("trainctl.rehearse")
 
 MAX_RECEIVES = 3
+RETRY_SECONDS = 2  # a failed invocation's event is visible again (retried) after this
+CONCURRENCY = 32  # invocations at once (Lambda would run every event of a burst at once)
 
 
 @dataclass
@@ -111,7 +116,7 @@ def _without_metrics(handler: Any) -> Any:
 
 
 class Dispatcher:
-    """A thread that delivers queued events to the handlers, one at a time."""
+    """A thread that receives queued events and hands each to a handler invocation."""
 
     def __init__(
         self, sqs: Any, queues: Mapping[str, str], handlers: Mapping[str, Any], *, redeliver: bool = False
@@ -122,6 +127,7 @@ class Dispatcher:
         self._handlers = dict(handlers)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rehearse-dispatcher", daemon=True)
+        self._pool = concurrent.futures.ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="rehearse-lambda")
         self.invocations: list[Invocation] = []
         self.parked: list[Invocation] = []
         self._lock = threading.Lock()
@@ -133,10 +139,11 @@ class Dispatcher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            delivered = 0
+            running = []
             for function, url in self._queues.items():
                 try:
                     batch = self._sqs.receive_message(
@@ -147,13 +154,20 @@ class Dispatcher:
                         return
                     logger.exception("receiving from %s failed", function)
                     continue
-                for message in batch:
-                    delivered += 1
-                    self._deliver(function, url, message)
-                    if self._redeliver:
-                        self._invoke(function, json.loads(message["Body"]))
-            if not delivered:
+                # A message stays invisible while its invocation runs (the queues'
+                # visibility timeout), so receiving goes on without waiting for these.
+                running += [self._pool.submit(self._handle, function, url, message) for message in batch]
+            if not running:
                 self._stop.wait(0.05)
+
+    def _handle(self, function: str, url: str, message: dict[str, Any]) -> None:
+        try:
+            self._deliver(function, url, message)
+            if self._redeliver:
+                self._invoke(function, json.loads(message["Body"]))
+        except Exception:  # e.g. delete_message while moto stops: the loop goes on
+            if not self._stop.is_set():
+                logger.exception("delivering to %s failed", function)
 
     def _deliver(self, function: str, url: str, message: dict[str, Any]) -> None:
         event = json.loads(message["Body"])
@@ -180,7 +194,11 @@ class Dispatcher:
                     self.parked.append(invocation)
             if receives >= MAX_RECEIVES:
                 self._sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-            return  # left on the queue: visible again after its visibility timeout (a retry)
+            else:  # left on the queue, visible again soon: a retry
+                self._sqs.change_message_visibility(
+                    QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=RETRY_SECONDS
+                )
+            return
         with self._lock:
             self.invocations.append(invocation)
         self._sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])

@@ -9,8 +9,10 @@ DefinitionSubstitutions filled in, as CloudFormation would) and the EventBridge 
 with their synthesized patterns, each delivering to an SQS queue named after the Lambda
 function it targets (moto cannot invoke Lambda targets; `bridge.py` does).
 
-The server runs in this process so RunInstances can be given capacity errors by patching
-moto's EC2 backend, which the state machine's own `aws-sdk:ec2` calls reach.
+The server runs in this process so moto's backends can be patched where they differ from
+AWS in ways the flow depends on: RunInstances can be given capacity errors (the state
+machine's own `aws-sdk:ec2` calls reach the patch), and SendCommand with InstanceIds
+addresses only those instances (moto adds every instance of the region, DESIGN §5).
 """
 
 from __future__ import annotations
@@ -137,7 +139,10 @@ class MotoCloud:
         DomainDispatcherApplication.__call__ = locked  # type: ignore[method-assign,assignment]
         self._restore.append(lambda: setattr(DomainDispatcherApplication, "__call__", original_call))
         self._patch_run_instances()
+        self._patch_send_command_targets()
         self._patch_choice_timestamps()
+        self._patch_definition_parsing()
+        self._patch_backend_lookup()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
@@ -197,6 +202,59 @@ class MotoCloud:
 
         InstanceBackend.run_instances = run_instances  # type: ignore[method-assign,assignment]
         self._restore.append(lambda: setattr(InstanceBackend, "run_instances", original))
+
+    def _patch_send_command_targets(self) -> None:
+        # moto resolves a command's Targets with an EC2 filter built from them; no Targets
+        # is an empty filter, which matches every instance in the region, so a checkpoint
+        # request for one instance would reach every job's agent. On AWS a command sent
+        # with InstanceIds addresses exactly those.
+        from moto.ssm.models import Command
+
+        original = Command._get_instance_ids_from_targets
+
+        def from_targets(command: Any) -> list[str]:
+            if not command.targets:
+                return []
+            return original(command)
+
+        Command._get_instance_ids_from_targets = from_targets  # type: ignore[method-assign,assignment]
+        self._restore.append(lambda: setattr(Command, "_get_instance_ids_from_targets", original))
+
+    def _patch_backend_lookup(self) -> None:
+        # moto's server finds the backend of every request by listing its own package
+        # directory (a listdir and ~150 isdir calls per request): a third of its CPU in a
+        # burst. The list cannot change while the server runs.
+        from moto import backends
+
+        original = backends.list_of_moto_modules
+        modules = tuple(original())
+        backends.list_of_moto_modules = lambda: modules  # type: ignore[assignment]
+        self._restore.append(lambda: setattr(backends, "list_of_moto_modules", original))
+
+    def _patch_definition_parsing(self) -> None:
+        # moto parses the ASL again for every execution (a pure-Python ANTLR parse, ~0.3 s
+        # of CPU here); a burst of resumes would spend seconds of the notice period on it
+        # while the agents' checkpoint uploads wait. The parse tree of one definition is
+        # parsed once; each execution still gets fresh components built from it.
+        from moto.stepfunctions.parser.asl.parse.asl_parser import AmazonStateLanguageParser
+        from moto.stepfunctions.parser.asl.parse.preprocessor import Preprocessor
+
+        original = AmazonStateLanguageParser.parse
+        trees: dict[str, Any] = {}
+        lock = threading.Lock()
+
+        def parse(definition: str) -> tuple[Any, Any]:
+            with lock:
+                tree = trees.get(definition)
+            if tree is None:
+                program, tree = original(definition)
+                with lock:
+                    trees[definition] = tree
+                return program, tree
+            return Preprocessor().visit(tree), tree
+
+        AmazonStateLanguageParser.parse = staticmethod(parse)  # type: ignore[method-assign]
+        self._restore.append(lambda: setattr(AmazonStateLanguageParser, "parse", staticmethod(original)))
 
     def _patch_choice_timestamps(self) -> None:
         # moto parses Choice timestamps only as %Y-%m-%dT%H:%M:%SZ; AWS accepts RFC 3339
@@ -371,7 +429,9 @@ def provision(cloud: MotoCloud, stack: StackSpec, *, time_scale: float) -> Provi
     patterns: dict[str, dict[str, Any]] = {}
     for rule in stack.rules:
         if rule.target_function not in handler_queues:
-            url, _ = _queue(sqs, f"trainctl-{rule.target_function[:60]}")
+            # In flight for as long as a handler may take; a failed invocation makes its
+            # message visible again sooner itself (bridge.RETRY_SECONDS).
+            url, _ = _queue(sqs, f"trainctl-{rule.target_function[:60]}", visibility_seconds=60)
             handler_queues[rule.target_function] = url
         queue_arn = sqs.get_queue_attributes(
             QueueUrl=handler_queues[rule.target_function], AttributeNames=["QueueArn"]
@@ -406,8 +466,9 @@ def provision(cloud: MotoCloud, stack: StackSpec, *, time_scale: float) -> Provi
     )
 
 
-def _queue(sqs: Any, name: str) -> tuple[str, str]:
-    url = sqs.create_queue(QueueName=name, Attributes={"VisibilityTimeout": "2"})["QueueUrl"]
+def _queue(sqs: Any, name: str, *, visibility_seconds: int = 2) -> tuple[str, str]:
+    attributes = {"VisibilityTimeout": str(visibility_seconds)}
+    url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     return str(url), str(arn)
 

@@ -10,8 +10,9 @@ SIGKILLed, every instance that ends emits the state-change events EC2 would, and
 instance whose agent exits on its own shuts down (terminates).
 
 `SsmAgent` stands in for the SSM agent on each instance: a command sent to an instance id
-runs the document's command on *that* instance only (moto's send_command addresses every
-instance when given Targets), against that instance's agent socket.
+runs the document's command on *that* instance only, against that instance's agent socket.
+(moto adds every instance of the region to a command sent without Targets;
+`cloud.MotoCloud` patches that, so a command's InstanceIds are the ones its sender gave.)
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from trainctl.agent.fake_imds import FakeImds
 from trainctl_core.settings import SSM_PARAM_DEADLINE, SSM_PARAM_JOB_ID, TAG_ATTEMPT, TAG_JOB_ID, TAG_MANAGED
@@ -38,6 +41,7 @@ logger = logging.getLogger("trainctl.rehearse")
 
 TRAINCTL_ENTRY = [sys.executable, "-c", "from trainctl.cli import main; main()"]
 STATE_CHANGE = "EC2 Instance State-change Notification"
+PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 class Handle(Protocol):
@@ -69,6 +73,7 @@ class Instance:
     exited_at: float | None = None
     exit_code: int | None = None
     reclaim_at: float | None = None
+    reclaimed: bool = False  # EC2 was told to terminate it after the reclaim
     killed_at: float | None = None
     ended_at: float | None = None  # observed shutting-down/terminated in moto
     commands: list[dict[str, Any]] = field(default_factory=list)
@@ -79,7 +84,14 @@ class Instance:
 
     @property
     def alive(self) -> bool:
+        """Booted and its agent still running."""
         return self.handle is not None and self.killed_at is None and self.handle.poll() is None
+
+    @property
+    def online(self) -> bool:
+        """Booted and not yet gone: SSM reaches it even after its agent exited (the
+        command then fails on the instance, as it would on EC2)."""
+        return self.handle is not None and self.killed_at is None and self.ended_at is None
 
 
 def descendants(pid: int) -> list[int]:
@@ -147,6 +159,15 @@ class ProcessHandle:
 Spawner = Callable[[Instance, Mapping[str, str]], Handle]
 
 
+class Ec2Event(NamedTuple):
+    """An event EC2 would send about an instance (`at`: its time, default now)."""
+
+    detail_type: str
+    instance: Instance
+    detail: dict[str, Any]
+    at: float | None = None
+
+
 @dataclass
 class FleetConfig:
     boot_seconds: float
@@ -183,6 +204,9 @@ class Fleet:
         self.instances: dict[str, Instance] = {}
         self.emitted: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._kill_lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+        self._closed = threading.Event()
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -199,9 +223,11 @@ class Fleet:
                 continue
             if instance.handle is None and now >= instance.boot_at:
                 self._boot(instance, now)
-            if instance.reclaim_at is not None and now >= instance.reclaim_at and instance.killed_at is None:
-                # The Spot reclaim: the machine stops dead at the deadline.
+            if instance.reclaim_at is not None and now >= instance.reclaim_at and not instance.reclaimed:
+                # The Spot reclaim: the machine stopped dead at the deadline (the reaper
+                # sees to that on time, however slow this loop is); EC2 terminates it.
                 self._kill(instance, now)
+                instance.reclaimed = True
                 self.terminate(instance)
                 continue
             if instance.handle is not None and instance.exited_at is None and instance.killed_at is None:
@@ -291,10 +317,26 @@ class Fleet:
         )
 
     def _kill(self, instance: Instance, now: float) -> None:
-        if instance.handle is not None and instance.killed_at is None and instance.exited_at is None:
-            instance.handle.kill()
-            instance.killed_at = now
-            instance.exit_code = -9
+        with self._kill_lock:
+            if (
+                instance.handle is not None
+                and instance.killed_at is None
+                and instance.exited_at is None
+                and instance.handle.poll() is None  # an agent that already exited is not killed
+            ):
+                instance.handle.kill()
+                instance.killed_at = now
+                instance.exit_code = -9
+
+    def _reap(self) -> None:
+        """SIGKILL every instance whose reclaim time has come, when it comes: under load a
+        pass of the rehearsal's loop can take seconds, and a late kill would give the
+        agent more time than the notice does."""
+        while not self._closed.wait(0.02):
+            now = time.time()
+            for instance in list(self.instances.values()):
+                if instance.reclaim_at is not None and now >= instance.reclaim_at:
+                    self._kill(instance, now)
 
     def _stop_imds(self, instance: Instance) -> None:
         if instance.imds is not None:
@@ -309,29 +351,50 @@ class Fleet:
 
     def schedule_reclaim(self, instance: Instance, at: float) -> None:
         instance.reclaim_at = at
+        with self._lock:
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="rehearse-reaper", daemon=True)
+                self._reaper.start()
 
     def put_event(self, detail_type: str, instance: Instance, detail: dict[str, Any]) -> None:
         """Emit an EC2 event through EventBridge (the synthesized rules route it)."""
-        entry = {
-            "Source": "aws.ec2",
-            "DetailType": detail_type,
-            "Detail": json.dumps({"instance-id": instance.instance_id, **detail}),
-            "Resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{instance.instance_id}"],
-        }
+        self.put_events([Ec2Event(detail_type, instance, detail)])
+
+    def put_events(self, events: Sequence[Ec2Event]) -> None:
+        """Emit several at once: up to 10 per PutEvents call (its limit), so a burst's
+        warnings go out together rather than one request each behind a busy moto."""
+        entries = []
+        for event in events:
+            entry: dict[str, Any] = {
+                "Source": "aws.ec2",
+                "DetailType": event.detail_type,
+                "Detail": json.dumps({"instance-id": event.instance.instance_id, **event.detail}),
+                "Resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{event.instance.instance_id}"],
+            }
+            if event.at is not None:
+                # The moment EC2 issued it: the handler's deadline is the event time + notice.
+                entry["Time"] = datetime.fromtimestamp(event.at, UTC)
+            entries.append(entry)
         copies = 2 if self.duplicate_events else 1
         for _ in range(copies):
-            response = self.events.put_events(Entries=[entry])
-            if response.get("FailedEntryCount"):
-                raise RuntimeError(f"EventBridge refused the {detail_type} event: {response['Entries']}")
+            for start in range(0, len(entries), 10):
+                response = self.events.put_events(Entries=entries[start : start + 10])
+                if response.get("FailedEntryCount"):
+                    raise RuntimeError(f"EventBridge refused EC2 events: {response['Entries']}")
+        now = time.time()
         with self._lock:
-            self.emitted.append(
-                {"detail_type": detail_type, "instance_id": instance.instance_id, "at": time.time(), **detail}
+            self.emitted.extend(
+                {"detail_type": e.detail_type, "instance_id": e.instance.instance_id, "at": now, **e.detail}
+                for e in events
             )
 
     def emit_state_change(self, instance: Instance, state: str) -> None:
         self.put_event(STATE_CHANGE, instance, {"state": state})
 
     def shutdown(self) -> None:
+        self._closed.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
         for instance in self.instances.values():
             if instance.handle is not None and instance.handle.poll() is None:
                 instance.handle.kill()
@@ -351,20 +414,47 @@ class SsmAgent:
         self.ssm = ssm
         self.fleet = fleet
         self._seen: set[str] = set()
-        self._documents: dict[str, list[str]] = {}
+        self._documents: dict[str, tuple[list[str], dict[str, str]]] = {}
         self.deliveries: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._tick_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._closed = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    def start(self, every: float = 0.1) -> SsmAgent:
+        """Poll for commands on a thread of its own: delivery must not wait for a slow
+        pass of the rehearsal's loop (SSM delivers in about a second)."""
+
+        def poll() -> None:
+            while not self._closed.wait(every):
+                try:
+                    self.tick()
+                except Exception:  # moto stopping, or a request failing under load: next poll
+                    if not self._closed.is_set():
+                        logger.exception("ssm: polling for commands failed")
+
+        self._poller = threading.Thread(target=poll, name="rehearse-ssm-poll", daemon=True)
+        self._poller.start()
+        return self
 
     def tick(self) -> None:
+        with self._tick_lock:
+            self._deliver_new()
+
+    def _deliver_new(self) -> None:
         pages = self.ssm.get_paginator("list_commands").paginate()
         for command in (c for page in pages for c in page.get("Commands", [])):
             command_id = command["CommandId"]
             if command_id in self._seen:
                 continue
             self._seen.add(command_id)
-            lines = self._document_lines(command["DocumentName"])
-            parameters = {k: (v[0] if v else "") for k, v in command.get("Parameters", {}).items()}
+            lines, defaults = self._document(command["DocumentName"])
+            # Like SSM: a parameter the sender left out takes the document's default.
+            parameters = {
+                **defaults,
+                **{k: (v[0] if v else "") for k, v in command.get("Parameters", {}).items()},
+            }
             for instance_id in command.get("InstanceIds", []):
                 instance = self.fleet.instances.get(instance_id)
                 record = {
@@ -372,14 +462,15 @@ class SsmAgent:
                     "instance_id": instance_id,
                     "job_id": parameters.get(SSM_PARAM_JOB_ID),
                     "deadline": parameters.get(SSM_PARAM_DEADLINE),
-                    "sent_at": time.time(),
+                    "sent_at": command["RequestedDateTime"].timestamp(),
+                    "seen_at": time.time(),
                     "delivered_at": None,
                     "finished_at": None,
                     "exit_code": None,
                 }
                 with self._lock:
                     self.deliveries.append(record)
-                if instance is None or not instance.alive:
+                if instance is None or not instance.online:
                     record["exit_code"] = "undeliverable"  # like SSM: the instance is not online
                     continue
                 thread = threading.Thread(
@@ -391,14 +482,20 @@ class SsmAgent:
                 self._threads.append(thread)
                 thread.start()
 
-    def _document_lines(self, name: str) -> list[str]:
+    def _document(self, name: str) -> tuple[list[str], dict[str, str]]:
+        """The document's shell lines and its parameters' default values."""
         if name not in self._documents:
             content = json.loads(self.ssm.get_document(Name=name)["Content"])
             lines: list[str] = []
             for step in content.get("mainSteps", []):
                 if step.get("action") == "aws:runShellScript":
                     lines.extend(step.get("inputs", {}).get("runCommand", []))
-            self._documents[name] = lines
+            defaults = {
+                key: str(spec["default"])
+                for key, spec in content.get("parameters", {}).items()
+                if isinstance(spec, dict) and "default" in spec
+            }
+            self._documents[name] = (lines, defaults)
         return self._documents[name]
 
     def _run(
@@ -408,8 +505,11 @@ class SsmAgent:
         instance.commands.append(record)
         code = 0
         for line in lines:
-            for key, value in parameters.items():
-                line = line.replace("{{" + key + "}}", shlex.quote(value))
+            # SSM's placeholders: {{Name}}, spaces allowed inside the braces.
+            line = PLACEHOLDER.sub(
+                lambda m: shlex.quote(parameters[m.group(1)]) if m.group(1) in parameters else m.group(0),
+                line,
+            )
             argv = shlex.split(line)
             if argv and os.path.basename(argv[0]) == "trainctl":
                 argv = [*TRAINCTL_ENTRY, *argv[1:]]  # the CLI installed "on the instance"
@@ -421,5 +521,8 @@ class SsmAgent:
         record["exit_code"] = code
 
     def join(self, timeout: float = 10) -> None:
-        for thread in self._threads:
+        self._closed.set()
+        if self._poller is not None:
+            self._poller.join(timeout)
+        for thread in list(self._threads):
             thread.join(timeout)

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,7 +40,7 @@ from typing import Any
 from trainctl import runtime_env as env
 from trainctl.rehearse import bridge, verdict
 from trainctl.rehearse.cloud import CREDENTIALS, REGION, MotoCloud, PoolSpec, Provisioned, provision
-from trainctl.rehearse.instances import Fleet, FleetConfig, Instance, Spawner, SsmAgent
+from trainctl.rehearse.instances import Ec2Event, Fleet, FleetConfig, Instance, Spawner, SsmAgent
 from trainctl.rehearse.stack import StackSpec, load_stack
 from trainctl_core import jobs
 from trainctl_core.checkpoints import LocalCheckpointStorage, S3CheckpointStorage
@@ -50,14 +51,13 @@ logger = logging.getLogger("trainctl.rehearse")
 REPO_ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES_DIR = REPO_ROOT / "training" / "examples"
 DEFAULT_EXAMPLE = "tiny_train"
-INSTANCE_TYPES = ("m5.large", "c5.large")
 SPOT_WARNING = "EC2 Spot Instance Interruption Warning"
 REBALANCE = "EC2 Instance Rebalance Recommendation"
 DEFAULT_TIME_SCALE = 0.05
 
 
 def launch_execution_name(job_id: str) -> str:
-    return f"{job_id}-launch"
+    return jobs.execution_name(job_id, 0, jobs.InterruptionReason.LAUNCH)
 
 
 class RehearsalError(RuntimeError):
@@ -147,6 +147,7 @@ class AttemptTrack:
     resume_step: int | None = None
     max_step: int | None = None  # newest step known trained: heartbeats and checkpoints
     heartbeat_step: int | None = None  # newest step from a heartbeat of this attempt
+    checkpoint_step: int | None = None  # newest checkpoint of this attempt on the row
     final_seen_at: float | None = None  # the final checkpoint appeared on the row
     first_step: int | None = None  # the step of this attempt's first progress report
 
@@ -168,8 +169,13 @@ class Plan:
     index: int
     threshold: int
     kind: str  # notice | rebalance+notice | no-notice
-    warn_at: float | None = None  # rebalance first: the warning follows after a pause
     outcome: verdict.InterruptionOutcome | None = None
+    tick: int | None = None  # the loop iteration that injected it (a burst: all the same)
+    # Rebalance first: the recommendation, then the warning once training went on past
+    # the checkpoint the recommendation asked for (or, failing that, at `warn_at`).
+    rebalanced_at: float | None = None
+    rebalance_step: int | None = None  # the checkpoint step durable when its command ended
+    warn_at: float | None = None
 
 
 @dataclass
@@ -232,7 +238,9 @@ def base_environment(options: Options) -> dict[str, str]:
     }
     repo = str(REPO_ROOT)
     environment["PYTHONPATH"] = os.pathsep.join(p for p in (repo, environment.get("PYTHONPATH", "")) if p)
-    environment.setdefault("TRAIN_SEED", str(options.seed))
+    # --seed wins over a TRAIN_SEED exported in the shell; only options.environment
+    # (the caller's explicit settings for this rehearsal) overrides it.
+    environment["TRAIN_SEED"] = str(options.seed)
     environment.update(options.environment)
     return environment
 
@@ -289,6 +297,7 @@ class Rehearsal:
         self.cloud = MotoCloud()
         self.timeline: list[dict[str, Any]] = []
         self.started = time.time()
+        self.ticks = 0  # iterations of the loop so far
 
     def mark(self, what: str, **details: Any) -> None:
         self.timeline.append({"t": round(time.time() - self.started, 3), "event": what, **details})
@@ -358,9 +367,11 @@ class Rehearsal:
         ec2, events, ssm, sqs, sfn, s3, ddb = (
             self.cloud.client(s) for s in ("ec2", "events", "ssm", "sqs", "stepfunctions", "s3", "dynamodb")
         )
+        # The job's pools: every instance type the synthesized stack allows, in each of
+        # its subnets (what `trainctl submit` builds from the stack's outputs).
         pools = [
             PoolSpec(instance_type, subnet, zone)
-            for instance_type in INSTANCE_TYPES
+            for instance_type in stack.allowed_instance_types
             for subnet, zone in provisioned.subnets.items()
         ]
         self._apply_capacity_errors(pools)
@@ -376,6 +387,10 @@ class Rehearsal:
                 region=REGION,
                 training_command=training_command(options),
                 environment={**base_environment(options), **aws_env},
+                # moto serves every request from one Python process: a burst's agents at
+                # the single-job rates (a heartbeat every 0.25 s, the resume point polled
+                # every 0.1 s) would ask hundreds of requests a second and starve the rest.
+                **({"heartbeat_seconds": 1.0, "resume_poll_seconds": 0.5} if len(job_ids) > 4 else {}),
             ),
             spawn=options.spawn,
             duplicate_events=options.duplicate_events,
@@ -391,11 +406,12 @@ class Rehearsal:
                 sqs, provisioned.handler_queues, handlers, redeliver=options.duplicate_events
             ).start()
             try:
+                ssm_agent.start()
                 tracks = [self._plan(job_id, reference["steps"]) for job_id in job_ids]
                 for track in tracks:
                     self._submit(store, sfn, provisioned.state_machine_arn, resume_input, track.job_id, pools)
                 self.mark("submitted", jobs=len(tracks))
-                self._loop(tracks, fleet, ssm_agent, store, ddb, sfn, provisioned, dispatcher)
+                self._loop(tracks, fleet, store, ddb, sfn, provisioned, dispatcher)
             finally:
                 fleet.shutdown()
                 dispatcher.stop()
@@ -459,12 +475,10 @@ class Rehearsal:
             deadline=None,
             noticed_at=jobs.utcnow(),
         )
-        # Not ResumeStarter.start: it names every execution <job>-<attempt>, so the launch
-        # would take the name of the resume after attempt 0's loss, and that resume would
-        # then be refused as "already started" (the job stays INTERRUPTED for ever).
-        starter_client.start_execution(
-            stateMachineArn=state_machine_arn, name=launch_execution_name(job_id), input=json.dumps(document)
-        )
+        # As `trainctl submit` does: the starter names the launch <job>-launch.
+        from trainctl_core.workflow import ResumeStarter
+
+        ResumeStarter(starter_client, state_machine_arn).start(document)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -472,7 +486,6 @@ class Rehearsal:
         self,
         tracks: list[JobTrack],
         fleet: Fleet,
-        ssm_agent: SsmAgent,
         store: Any,
         ddb: Any,
         sfn: Any,
@@ -492,8 +505,8 @@ class Rehearsal:
                     + "; ".join(f"{t.job_id} {t.status} attempt {t.attempt}" for t in tracks)
                     + self._diagnose(sfn, provisioned, dispatcher)
                 )
+            self.ticks += 1
             fleet.tick(now)
-            ssm_agent.tick()
             read_at = time.time()
             rows = self._read_rows(store, ddb, provisioned.jobs_table, tracks)
             for track in tracks:
@@ -605,6 +618,7 @@ class Rehearsal:
             if checkpoint and int(checkpoint.get("attempt", -1)) in track.attempts:
                 owner = track.track(int(checkpoint["attempt"]))
                 owner.saw_step(int(checkpoint["step"]))
+                owner.checkpoint_step = max(owner.checkpoint_step or 0, int(checkpoint["step"]))
                 if key == "final_checkpoint" and owner.final_seen_at is None:
                     owner.final_seen_at = now
         if status in ("SUCCEEDED", "FAILED", "CANCELLED") and track.finished_at is None:
@@ -624,8 +638,15 @@ class Rehearsal:
             old = fleet.instances.get(outcome.instance_id)
             if old is not None:
                 outcome.killed_at = old.killed_at
-                for command in old.commands:
-                    outcome.ssm_delivered_at = outcome.ssm_delivered_at or command.get("delivered_at")
+                # The command the warning sent (a rebalance's came earlier).
+                outcome.ssm_delivered_at = next(
+                    (
+                        c["delivered_at"]
+                        for c in list(old.commands)
+                        if c.get("delivered_at") and c["delivered_at"] >= outcome.noticed_at
+                    ),
+                    None,
+                )
             following = track.attempts.get(outcome.attempt + 1)
             replacement = [i for i in fleet.of_job(track.job_id) if i.attempt == outcome.attempt + 1]
             if replacement:
@@ -677,26 +698,34 @@ class Rehearsal:
         return plan, instance
 
     def _inject(self, tracks: list[JobTrack], fleet: Fleet, now: float) -> None:
-        # Rebalance first: the warning follows the recommendation after a (scaled) pause.
+        # The EC2 events of this tick go out together, after every notice is in IMDS.
+        outbox: list[Ec2Event] = []
+        # Rebalance first: the warning follows the recommendation once training went on
+        # past the checkpoint it asked for (the recommendation says "at risk", not "stop").
         for track in tracks:
             for plan in track.plans:
-                if plan.warn_at is not None and now >= plan.warn_at and plan.outcome is not None:
-                    instance = fleet.instances[plan.outcome.instance_id]
+                if plan.warn_at is None or plan.outcome is None:
+                    continue
+                instance = fleet.instances[plan.outcome.instance_id]
+                if now >= plan.warn_at or self._trained_past_rebalance(track, plan, instance):
                     plan.warn_at = None
-                    self._warn(track, plan, instance, fleet, time.time())
+                    self._warn(track, plan, instance, fleet, time.time(), outbox)
         ready = [(t, e) for t in tracks if (e := self._eligible(t, fleet)) is not None]
-        if not ready:
-            return
-        if self.options.simultaneous:
+        burst_pending = False
+        if ready and self.options.simultaneous:
             pending = [
                 t for t in tracks if t.next_plan is not None and t.status not in ("SUCCEEDED", "FAILED")
             ]
-            if len(ready) < len(pending):
-                return  # a burst: wait until every job reached its interruption point
-        for track, (plan, instance) in ready:
-            self._interrupt(track, plan, instance, fleet)
+            burst_pending = len(ready) < len(pending)  # wait until every job reached its point
+        if not burst_pending:
+            for track, (plan, instance) in ready:
+                self._interrupt(track, plan, instance, fleet, outbox)
+        if outbox:
+            fleet.put_events(outbox)
 
-    def _interrupt(self, track: JobTrack, plan: Plan, instance: Instance, fleet: Fleet) -> None:
+    def _interrupt(
+        self, track: JobTrack, plan: Plan, instance: Instance, fleet: Fleet, outbox: list[Ec2Event]
+    ) -> None:
         moment = time.time()
         plan.outcome = verdict.InterruptionOutcome(
             index=plan.index,
@@ -707,6 +736,7 @@ class Rehearsal:
             kind=plan.kind,
             noticed_at=moment,
         )
+        plan.tick = self.ticks
         self.mark(
             f"interruption ({plan.kind})",
             job_id=track.job_id,
@@ -720,23 +750,61 @@ class Rehearsal:
             return
         if plan.kind == "rebalance+notice":
             assert instance.imds is not None
-            instance.imds.recommend_rebalance(datetime.now(UTC))
-            fleet.put_event(REBALANCE, instance, {})
-            plan.warn_at = moment + max(0.5, 10 * self.options.time_scale)
+            instance.imds.recommend_rebalance(datetime.fromtimestamp(moment, UTC))
+            outbox.append(Ec2Event(REBALANCE, instance, {}, moment))
+            plan.rebalanced_at = moment
+            # If training never gets past the rebalance checkpoint (it stopped, or the
+            # checkpoint failed), the warning still comes, one notice period later.
+            plan.warn_at = moment + self.options.notice_seconds
             return
-        self._warn(track, plan, instance, fleet, moment)
+        self._warn(track, plan, instance, fleet, moment, outbox)
 
-    def _warn(self, track: JobTrack, plan: Plan, instance: Instance, fleet: Fleet, moment: float) -> None:
+    def _trained_past_rebalance(self, track: JobTrack, plan: Plan, instance: Instance) -> bool:
+        """The rebalance's checkpoint command succeeded and a later step was trained."""
+        assert plan.outcome is not None and plan.rebalanced_at is not None
+        attempt = track.attempts.get(plan.outcome.attempt)
+        if attempt is None:
+            return False
+        if plan.rebalance_step is None:
+            done = next(
+                (
+                    c
+                    for c in list(instance.commands)
+                    if (c.get("delivered_at") or 0) >= plan.rebalanced_at and c.get("finished_at")
+                ),
+                None,
+            )
+            if done is None or done.get("exit_code") != 0 or attempt.checkpoint_step is None:
+                return False
+            # The agent records a checkpoint on the row before it reports it durable.
+            plan.rebalance_step = attempt.checkpoint_step
+        return attempt.heartbeat_step is not None and attempt.heartbeat_step > plan.rebalance_step
+
+    def _warn(
+        self,
+        track: JobTrack,
+        plan: Plan,
+        instance: Instance,
+        fleet: Fleet,
+        moment: float,
+        outbox: list[Ec2Event],
+    ) -> None:
         notice = self.options.notice_seconds
-        # EventBridge stamps the event time to the second; the handler's deadline is that
-        # time plus the notice, and so are IMDS's and the reclaim's.
+        # The event's time is to the second (as EC2's); the handler's deadline is that time
+        # plus the notice, and so are IMDS's and the reclaim's.
         noticed = math.floor(moment)
         deadline = datetime.fromtimestamp(noticed + notice, UTC)
         if instance.imds is not None:
             instance.imds.notice(deadline)
-        fleet.put_event(SPOT_WARNING, instance, {"instance-action": "terminate"})
+        outbox.append(Ec2Event(SPOT_WARNING, instance, {"instance-action": "terminate"}, noticed))
         fleet.schedule_reclaim(instance, noticed + notice)
-        if plan.outcome is not None and plan.kind == "notice":
+        if plan.kind != "notice":
+            self.mark(
+                "spot warning", job_id=track.job_id, attempt=track.attempt, instance=instance.instance_id
+            )
+        if plan.outcome is not None:
+            # Recovery is measured from the warning (a rebalance recommendation before it
+            # is a risk signal, not the loss).
             plan.outcome.noticed_at = moment
 
     def _progress_line(self, tracks: list[JobTrack]) -> str:
@@ -775,6 +843,7 @@ class Rehearsal:
         zone_of = {p.subnet_id: p.zone for p in pools}
         per_job = []
         all_outcomes: list[verdict.InterruptionOutcome] = []
+        injected: list[Plan] = []
         duplicates_total = 0
         failures: list[str] = []
         divergences: list[str] = []
@@ -788,6 +857,7 @@ class Rehearsal:
             duplicates_total += duplicates
             outcomes = [p.outcome for p in track.plans if p.outcome is not None]
             all_outcomes.extend(outcomes)
+            injected.extend(p for p in track.plans if p.outcome is not None)
             final_instance = fleet.instances.get(track.instance_id or "")
             final_sha = (
                 verdict.sha256_file(str(final_instance.directory / "final_model.bin"))
@@ -819,6 +889,7 @@ class Rehearsal:
                 {
                     "job_id": track.job_id,
                     "status": track.status,
+                    "failure_reason": track.failure_reason,
                     "final_sha256": final_sha,
                     "replacements": sum(1 for i in instances if i.attempt > 0),
                     "duplicate_replacements": duplicates,
@@ -867,7 +938,7 @@ class Rehearsal:
             "duplicate_replacements": duplicates_total,
             "pools_tried": pools_tried,
             "checkpoint_kinds": [o.checkpoint_kind for o in all_outcomes],
-            "interruption_details": [o.as_dict() for o in all_outcomes],
+            "interruption_details": [self._detail(plan) for plan in injected],
             "events_emitted": len(fleet.emitted) * (2 if self.options.duplicate_events else 1),
             "handler_invocations": len(invocations),
             "handler_errors": sum(1 for i in invocations if i.error),
@@ -881,6 +952,25 @@ class Rehearsal:
             "timeline": self.timeline,
         }
         return result
+
+    def _detail(self, plan: Plan) -> dict[str, Any]:
+        """One interruption's outcome, with when it was injected (seconds since the start,
+        like the timeline's `t`): `noticed_at` the Spot warning (the loss itself without
+        notice), `rebalance_at` the recommendation before it and `rebalance_checkpoint_step`
+        the checkpoint that recommendation made durable (None: none), `tick` the loop
+        iteration that injected it."""
+        assert plan.outcome is not None
+
+        def since(moment: float | None) -> float | None:
+            return None if moment is None else round(moment - self.started, 3)
+
+        return {
+            **plan.outcome.as_dict(),
+            "noticed_at": since(plan.outcome.noticed_at),
+            "rebalance_at": since(plan.rebalanced_at),
+            "rebalance_checkpoint_step": plan.rebalance_step,
+            "tick": plan.tick,
+        }
 
 
 def rehearse(options: Options, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -900,7 +990,13 @@ def quiet_logs() -> Any:
     for name in names:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            # Handlers run concurrently and share Powertools' Metrics, whose metrics the
+            # rehearsal drops (no CloudWatch): an emptied flush warns about nothing.
+            warnings.filterwarnings(
+                "ignore", message="No application metrics to publish", category=UserWarning
+            )
+            yield
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)

@@ -2,9 +2,10 @@
 
 The template comes from the same app factory `cdk synth` and the infra tests use
 (`infra.app.build_app`), synthesized in a subprocess (jsii starts a node process; it
-should not live in the rehearsal's) and cached by a hash of `infra/` and `cdk.json`, so
-a second rehearsal skips the synth. Nothing here is a second copy of the stack: every
-schema, pattern, document and definition is read from the template.
+should not live in the rehearsal's) with `REHEARSAL_CONTEXT`, and cached by a hash of
+`infra/`, `cdk.json` and that context, so a second rehearsal skips the synth. Nothing here
+is a second copy of the stack: every schema, pattern, document, definition and allowed
+instance type is read from the template.
 """
 
 from __future__ import annotations
@@ -20,12 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from infra.packaging import REPO_ROOT
+from trainctl.commands.stack import OUTPUT_INSTANCE_TYPES  # the output `trainctl submit` reads
 
 CACHE_ENV = "TRAINCTL_REHEARSE_CACHE"
+# The stage the rehearsal (and the opt-in AWS suite, which deploys with the same `-c`
+# values) synthesizes: CPU instance types, because its jobs are small CPU scripts. The
+# default stack allows only GPU types (infra/config.py); the types a stage allows are a
+# deploy-time setting, so this is the stack a user with a CPU stage would deploy, and the
+# rehearsal's capacity pools are read back from the template (`allowed_instance_types`).
+REHEARSAL_CONTEXT: dict[str, str] = {"trainctl:allowed_instance_types": "m5.large,c5.large"}
 _SYNTH_SCRIPT = """
 import json, sys
 from infra.app import build_app
-app, stack = build_app({}, outdir=sys.argv[1], cloudformation_validation=False)
+app, stack = build_app(json.loads(sys.argv[2]), outdir=sys.argv[1], cloudformation_validation=False)
 app.synth()
 print(json.dumps({"stack_name": stack.stack_name}))
 """
@@ -118,6 +126,15 @@ class StackSpec:
         return self.one("AWS::EC2::VPC")
 
     @property
+    def allowed_instance_types(self) -> list[str]:
+        """The instance types the stack lets the resume workflow launch (its output)."""
+        output = self.template.get("Outputs", {}).get(OUTPUT_INSTANCE_TYPES, {})
+        value = output.get("Value")
+        if not isinstance(value, str) or not value.strip():
+            raise StackError(f"the template has no {OUTPUT_INSTANCE_TYPES} output listing instance types")
+        return [t.strip() for t in value.split(",") if t.strip()]
+
+    @property
     def rules(self) -> list[RuleSpec]:
         rules = []
         for logical_id, resource in sorted(self.of_type("AWS::Events::Rule").items()):
@@ -141,8 +158,9 @@ class StackSpec:
 
 
 def source_hash(root: Path = REPO_ROOT) -> str:
-    """Hash of everything the template is made from (infra/ and cdk.json)."""
+    """Hash of everything the template is made from (infra/, cdk.json, the synth context)."""
     digest = hashlib.sha256()
+    digest.update(json.dumps(REHEARSAL_CONTEXT, sort_keys=True).encode())
     files = sorted(p for p in (root / "infra").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     for path in [*files, root / "cdk.json"]:
         digest.update(str(path.relative_to(root)).encode())
@@ -175,7 +193,7 @@ def load_stack(cache: Path | None = None) -> StackSpec:
 
 
 def synthesize() -> dict[str, Any]:
-    """Run the app factory in a subprocess and return the stack's template."""
+    """Run the app factory (with `REHEARSAL_CONTEXT`) in a subprocess; return the template."""
     with tempfile.TemporaryDirectory(prefix="trainctl-synth-") as outdir:
         environment = {
             **os.environ,
@@ -184,7 +202,7 @@ def synthesize() -> dict[str, Any]:
             "CDK_DISABLE_VERSION_CHECK": "1",
         }
         done = subprocess.run(
-            [sys.executable, "-c", _SYNTH_SCRIPT, outdir],
+            [sys.executable, "-c", _SYNTH_SCRIPT, outdir, json.dumps(REHEARSAL_CONTEXT)],
             cwd=REPO_ROOT,
             env=environment,
             capture_output=True,

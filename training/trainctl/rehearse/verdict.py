@@ -120,17 +120,20 @@ def sha256_file(path: str) -> str | None:
 
 
 def checkpoint_digests(storage: CheckpointStorage, job_id: str) -> Digests:
-    """Every verified-manifest checkpoint of `job_id`: step -> (attempt, file hashes)."""
+    """Every verified-manifest checkpoint of `job_id`: step -> (attempt, file hashes).
+
+    Two attempts may hold a checkpoint of one step: the newer attempt's counts (listed last).
+    """
     found: Digests = {}
-    for step in storage.list_steps():
-        raw = storage.read_manifest(step)
+    for checkpoint in storage.list_checkpoints():
+        raw = storage.read_manifest(checkpoint)
         if raw is None:
             continue
         try:
-            manifest = layout.parse_manifest(raw, expect_job_id=job_id, expect_step=step)
+            manifest = layout.parse_manifest_at(raw, checkpoint, job_id=job_id)
         except layout.InvalidManifest:
             continue
-        found[step] = (manifest.attempt, frozenset((f.path, f.xxh3_128) for f in manifest.files))
+        found[checkpoint.step] = (manifest.attempt, frozenset((f.path, f.xxh3_128) for f in manifest.files))
     return found
 
 

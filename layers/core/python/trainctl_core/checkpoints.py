@@ -1,13 +1,21 @@
 """Checkpoint layout, manifest format and newest-valid selection.
 
-A checkpoint of job `j` at step `s` lives under `s3://<bucket>/j/ckpt/<s:012d>/`: its data
-files first, then `manifest.json` LAST under the same prefix. A checkpoint exists only if
-its manifest parses and every file it lists has the listed size and xxh3-128 hash, so a
-save killed at any point (no manifest, a truncated file, a file from another writer)
-never becomes a resume point: restore skips it, naming it, and takes the previous one.
+A checkpoint of job `j` at step `s` written by attempt `a` lives under
+`s3://<bucket>/j/ckpt/<s:012d>-a<a>/`: its data files first, then `manifest.json` LAST
+under the same prefix. A checkpoint exists only if its manifest parses, names the step
+and attempt it sits under, and every file it lists has the listed size and xxh3-128
+hash, so a save killed at any point (no manifest, a truncated file, a file from another
+writer) never becomes a resume point: restore skips it, naming it, and takes the previous
+one.
+
+The attempt is part of the key for fencing (DESIGN §2): an attempt that comes back after
+its replacement took over (a stopped or hibernated instance) writes under its own keys,
+so it can never overwrite the files or the manifest of a newer attempt's checkpoint at
+the same step, and the resume point the job row names (step *and* attempt) is the one
+restored.
 
 The module is pure (layout, manifest model, hashing of local files, selection and
-retention decisions) plus `S3CheckpointStore`, an adapter taking an injected S3 client;
+retention decisions) plus `S3CheckpointStorage`, an adapter taking an injected S3 client;
 the on-instance `Checkpointer` (training/trainctl/checkpoint.py) builds on both.
 """
 
@@ -30,7 +38,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 CKPT_DIR = "ckpt"
 STEP_DIGITS = 12
-_STEP_PATTERN = re.compile(rf"^\d{{{STEP_DIGITS}}}$")
+_NAME_PATTERN = re.compile(rf"^(\d{{{STEP_DIGITS}}})-a(\d+)$")
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
@@ -42,17 +50,42 @@ def job_checkpoint_root(job_id: str) -> str:
     return f"{job_id}/{CKPT_DIR}/"
 
 
-def checkpoint_prefix(job_id: str, step: int) -> str:
-    """`<job_id>/ckpt/<step:012d>/`: one checkpoint's prefix (files + manifest)."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0 (got {step})")
-    return f"{job_checkpoint_root(job_id)}{step:0{STEP_DIGITS}d}/"
+@dataclass(frozen=True, order=True)
+class CheckpointId:
+    """One checkpoint: the step it holds and the attempt that wrote it.
+
+    Ordered by step, then attempt: of two checkpoints at one step, the newer attempt's
+    comes first when looking for the newest.
+    """
+
+    step: int
+    attempt: int
+
+    def __post_init__(self) -> None:
+        if self.step < 0:
+            raise ValueError(f"step must be >= 0 (got {self.step})")
+        if self.attempt < 0:
+            raise ValueError(f"attempt must be >= 0 (got {self.attempt})")
+
+    @property
+    def name(self) -> str:
+        """The key segment: `<step:012d>-a<attempt>` (fixed-width step: listings sort)."""
+        return f"{self.step:0{STEP_DIGITS}d}-a{self.attempt}"
+
+    def __str__(self) -> str:
+        return f"step {self.step} (attempt {self.attempt})"
 
 
-def step_of(prefix_or_name: str) -> int | None:
-    """The step encoded in a checkpoint prefix or its last path segment, if any."""
+def checkpoint_prefix(job_id: str, checkpoint: CheckpointId) -> str:
+    """`<job_id>/ckpt/<step:012d>-a<attempt>/`: one checkpoint's prefix (files + manifest)."""
+    return f"{job_checkpoint_root(job_id)}{checkpoint.name}/"
+
+
+def checkpoint_id_of(prefix_or_name: str) -> CheckpointId | None:
+    """The checkpoint a prefix (or its last path segment) names, if it is one."""
     name = prefix_or_name.rstrip("/").rsplit("/", 1)[-1]
-    return int(name) if _STEP_PATTERN.match(name) else None
+    match = _NAME_PATTERN.match(name)
+    return CheckpointId(int(match.group(1)), int(match.group(2))) if match else None
 
 
 def validate_relative_path(path: str) -> str:
@@ -126,7 +159,11 @@ class InvalidManifest(ValueError):
 
 
 def parse_manifest(
-    raw: bytes, *, expect_job_id: str | None = None, expect_step: int | None = None
+    raw: bytes,
+    *,
+    expect_job_id: str | None = None,
+    expect_step: int | None = None,
+    expect_attempt: int | None = None,
 ) -> Manifest:
     try:
         manifest = Manifest.model_validate_json(raw)
@@ -138,7 +175,18 @@ def parse_manifest(
         raise InvalidManifest(f"manifest belongs to job {manifest.job_id}, not {expect_job_id}")
     if expect_step is not None and manifest.step != expect_step:
         raise InvalidManifest(f"manifest says step {manifest.step} but sits under step {expect_step}")
+    if expect_attempt is not None and manifest.attempt != expect_attempt:
+        raise InvalidManifest(
+            f"manifest says attempt {manifest.attempt} but sits under attempt {expect_attempt}"
+        )
     return manifest
+
+
+def parse_manifest_at(raw: bytes, checkpoint: CheckpointId, *, job_id: str) -> Manifest:
+    """`parse_manifest`, checked against the job and the key it was read from."""
+    return parse_manifest(
+        raw, expect_job_id=job_id, expect_step=checkpoint.step, expect_attempt=checkpoint.attempt
+    )
 
 
 def format_time(moment: datetime) -> str:
@@ -196,74 +244,136 @@ def verify_local_file(expected: ManifestFile, path: str | os.PathLike[str]) -> s
 
 @dataclass(frozen=True)
 class Skipped:
-    step: int
+    checkpoint: CheckpointId
     reason: str
+
+    @property
+    def step(self) -> int:
+        return self.checkpoint.step
 
 
 @dataclass
 class Selection:
-    """The outcome of looking for a resume point: the chosen step (or None) and why."""
+    """The outcome of looking for a resume point: the chosen checkpoint (or None) and why."""
 
-    step: int | None
+    checkpoint: CheckpointId | None
     skipped: list[Skipped] = field(default_factory=list)
     considered: int = 0
 
     @property
+    def step(self) -> int | None:
+        return self.checkpoint.step if self.checkpoint is not None else None
+
+    @property
     def reason(self) -> str:
         """Human-readable 'why starting fresh' when nothing was chosen."""
-        if self.step is not None:
-            return f"resuming from step {self.step}"
+        if self.checkpoint is not None:
+            return f"resuming from {self.checkpoint}"
         if not self.considered:
             return "no checkpoint found"
-        details = "; ".join(f"step {s.step}: {s.reason}" for s in self.skipped)
+        details = "; ".join(f"{s.checkpoint}: {s.reason}" for s in self.skipped)
         return f"no valid checkpoint among {self.considered}: {details}"
 
 
-def candidate_steps(steps: Iterable[int], *, at_most: int | None = None) -> list[int]:
-    """Steps to try, newest first; `at_most` caps them (the resume point the job row names:
-    a late upload from a superseded attempt must not win just by having a higher step)."""
-    unique = sorted(set(steps), reverse=True)
-    return [s for s in unique if at_most is None or s <= at_most]
+def candidate_checkpoints(
+    checkpoints: Iterable[CheckpointId],
+    *,
+    at_most: int | None = None,
+    prefer: CheckpointId | None = None,
+) -> list[CheckpointId]:
+    """Checkpoints to try, in order: newest first by (step, attempt).
+
+    `prefer` is the resume point the job row names: it is tried first, and only strictly
+    older steps follow it, because any other checkpoint at its step or above is a
+    superseded attempt's late upload, never the history the job continues from.
+    `at_most` caps the step when only the resume step is known (a late upload must not
+    win just by having a higher step).
+    """
+    cap = prefer.step if prefer is not None else at_most
+    unique = sorted(set(checkpoints), reverse=True)
+    if prefer is None:
+        return [c for c in unique if cap is None or c.step <= cap]
+    older = [c for c in unique if c.step < prefer.step]
+    return [prefer, *older] if prefer in unique else older
 
 
 def select_newest_valid(
-    steps: Iterable[int],
-    verify: Callable[[int], str | None],
+    checkpoints: Iterable[CheckpointId],
+    verify: Callable[[CheckpointId], str | None],
     *,
     at_most: int | None = None,
+    prefer: CheckpointId | None = None,
     on_skip: Callable[[Skipped], None] | None = None,
 ) -> Selection:
-    """The newest step whose `verify` returns None (valid); the others are recorded as skipped.
+    """The first candidate (see `candidate_checkpoints`) whose `verify` returns None; the
+    ones tried before it are recorded as skipped.
 
-    `verify(step)` returns None for a valid checkpoint, else the reason it is not. It may
-    do I/O (the caller decides how deep to check); this function only decides.
+    `verify(checkpoint)` returns None for a valid checkpoint, else the reason it is not.
+    It may do I/O (the caller decides how deep to check); this function only decides.
     """
-    candidates = candidate_steps(steps, at_most=at_most)
-    selection = Selection(step=None, considered=len(candidates))
-    for step in candidates:
-        reason = verify(step)
+    candidates = candidate_checkpoints(checkpoints, at_most=at_most, prefer=prefer)
+    selection = Selection(checkpoint=None, considered=len(candidates))
+    for checkpoint in candidates:
+        reason = verify(checkpoint)
         if reason is None:
-            selection.step = step
+            selection.checkpoint = checkpoint
             return selection
-        skipped = Skipped(step, reason)
+        skipped = Skipped(checkpoint, reason)
         selection.skipped.append(skipped)
         if on_skip:
             on_skip(skipped)
     return selection
 
 
-def retention_victims(valid_steps: Iterable[int], *, keep: int, protect: Iterable[int] = ()) -> list[int]:
-    """Steps to delete so that the newest `keep` valid checkpoints remain.
+def retention_victims(
+    valid: Iterable[CheckpointId], *, keep: int, protect: Iterable[CheckpointId] = ()
+) -> list[CheckpointId]:
+    """Checkpoints to delete so that the newest `keep` valid ones remain.
 
-    `protect` (e.g. the step the job row names as its resume point) is never deleted.
-    Invalid/partial checkpoints are not this function's business: they may still be
-    uploading.
+    `protect` (e.g. the job row's resume point) is never deleted. Invalid/partial
+    checkpoints are not this function's business: they may still be uploading.
     """
     if keep < 1:
         raise ValueError("retention must keep at least one checkpoint")
-    ordered = sorted(set(valid_steps), reverse=True)
+    ordered = sorted(set(valid), reverse=True)
     protected = set(protect)
-    return [s for s in ordered[keep:] if s not in protected]
+    return [c for c in ordered[keep:] if c not in protected]
+
+
+def retention_plan(
+    listed: Iterable[CheckpointId],
+    valid: Iterable[CheckpointId],
+    *,
+    keep: int,
+    attempt: int,
+    anchor: CheckpointId | None = None,
+    protect: Iterable[CheckpointId] = (),
+) -> list[CheckpointId]:
+    """What retention run by `attempt` deletes, given every listed checkpoint and the valid ones.
+
+    `anchor` is the checkpoint this attempt continued from (restored or named by the job
+    row). Its history (this attempt's checkpoints and older attempts' up to the anchor's
+    step) keeps its newest `keep` valid checkpoints; partial ones older than all of those
+    can no longer complete and go too. An older attempt's checkpoint above the anchor's
+    step is a superseded attempt's late upload (a fork that can never be resumed): it
+    goes. A newer attempt's checkpoints are never touched: then this attempt is the
+    superseded one.
+    """
+    listed_set = set(listed)
+    valid_set = set(valid) & listed_set
+    protected = set(protect)
+    newer = {c for c in listed_set if c.attempt > attempt}
+    forks = {c for c in listed_set if anchor is not None and c.attempt < attempt and c.step > anchor.step}
+    history = listed_set - newer - forks
+    history_valid = valid_set & history
+    victims = retention_victims(history_valid, keep=keep, protect=protected)
+    if history_valid:
+        oldest_kept = sorted(history_valid, reverse=True)[:keep][-1]
+        victims += sorted(
+            (c for c in history - valid_set if c < oldest_kept and c not in protected), reverse=True
+        )
+    victims += sorted((c for c in forks if c not in protected), reverse=True)
+    return victims
 
 
 # --- storage backends ----------------------------------------------------------------------------
@@ -272,59 +382,66 @@ def retention_victims(valid_steps: Iterable[int], *, keep: int, protect: Iterabl
 class CheckpointStorage(Protocol):
     """Where checkpoints live (S3, or a local directory); used by the Checkpointer."""
 
-    def describe(self, step: int) -> str: ...
+    def describe(self, checkpoint: CheckpointId) -> str: ...
 
-    def list_steps(self) -> list[int]: ...
-
-    def read_manifest(self, step: int) -> bytes | None: ...
-
-    def put_files(self, step: int, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]) -> None:
-        """Upload local files [(local_path, relative_path)] under the step's prefix."""
+    def list_checkpoints(self) -> list[CheckpointId]:
+        """Every checkpoint key present (valid or not), oldest first."""
         ...
 
-    def put_manifest(self, step: int, manifest: bytes) -> None: ...
+    def read_manifest(self, checkpoint: CheckpointId) -> bytes | None: ...
 
-    def fetch(self, step: int, files: Sequence[ManifestFile], dest_dir: str) -> dict[str, str]:
+    def put_files(
+        self, checkpoint: CheckpointId, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]
+    ) -> None:
+        """Upload local files [(local_path, relative_path)] under the checkpoint's prefix."""
+        ...
+
+    def put_manifest(self, checkpoint: CheckpointId, manifest: bytes) -> None: ...
+
+    def fetch(self, checkpoint: CheckpointId, files: Sequence[ManifestFile], dest_dir: str) -> dict[str, str]:
         """Make the files available locally; returns relative path -> local path."""
         ...
 
-    def delete(self, step: int) -> None: ...
+    def delete(self, checkpoint: CheckpointId) -> None: ...
 
 
 class LocalCheckpointStorage:
     """Checkpoints in a local directory with the same layout as S3 (tests, local runs).
 
-    `root/<job_id>/ckpt/<step>/…`; files are hard-linked from staging when possible (same
-    filesystem) so a local "upload" costs no copy; the manifest is renamed into place last.
+    `root/<job_id>/ckpt/<step>-a<attempt>/…`; files are hard-linked from staging when
+    possible (same filesystem) so a local "upload" costs no copy; the manifest is renamed
+    into place last.
     """
 
     def __init__(self, root: str, job_id: str) -> None:
         self.root = root
         self.job_id = job_id
 
-    def _dir(self, step: int) -> str:
-        return os.path.join(self.root, checkpoint_prefix(self.job_id, step))
+    def _dir(self, checkpoint: CheckpointId) -> str:
+        return os.path.join(self.root, checkpoint_prefix(self.job_id, checkpoint))
 
-    def describe(self, step: int) -> str:
-        return self._dir(step)
+    def describe(self, checkpoint: CheckpointId) -> str:
+        return self._dir(checkpoint)
 
-    def list_steps(self) -> list[int]:
+    def list_checkpoints(self) -> list[CheckpointId]:
         base = os.path.join(self.root, job_checkpoint_root(self.job_id))
         try:
             names = os.listdir(base)
         except FileNotFoundError:
             return []
-        return sorted(s for s in (step_of(n) for n in names) if s is not None)
+        return sorted(c for c in (checkpoint_id_of(n) for n in names) if c is not None)
 
-    def read_manifest(self, step: int) -> bytes | None:
+    def read_manifest(self, checkpoint: CheckpointId) -> bytes | None:
         try:
-            with open(os.path.join(self._dir(step), MANIFEST_NAME), "rb") as handle:
+            with open(os.path.join(self._dir(checkpoint), MANIFEST_NAME), "rb") as handle:
                 return handle.read()
         except FileNotFoundError:
             return None
 
-    def put_files(self, step: int, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]) -> None:
-        target = self._dir(step)
+    def put_files(
+        self, checkpoint: CheckpointId, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]
+    ) -> None:
+        target = self._dir(checkpoint)
         for local, relative in files:
             if cancelled():
                 return
@@ -337,17 +454,17 @@ class LocalCheckpointStorage:
                 _copy_file(local, tmp)
             os.replace(tmp, dest)
 
-    def put_manifest(self, step: int, manifest: bytes) -> None:
-        target = self._dir(step)
+    def put_manifest(self, checkpoint: CheckpointId, manifest: bytes) -> None:
+        target = self._dir(checkpoint)
         os.makedirs(target, exist_ok=True)
         _atomic_write(os.path.join(target, MANIFEST_NAME), manifest)
 
-    def fetch(self, step: int, files: Sequence[ManifestFile], dest_dir: str) -> dict[str, str]:
+    def fetch(self, checkpoint: CheckpointId, files: Sequence[ManifestFile], dest_dir: str) -> dict[str, str]:
         # Read in place: no second copy on disk.
-        return {f.path: os.path.join(self._dir(step), f.path) for f in files}
+        return {f.path: os.path.join(self._dir(checkpoint), f.path) for f in files}
 
-    def delete(self, step: int) -> None:
-        target = self._dir(step)
+    def delete(self, checkpoint: CheckpointId) -> None:
+        target = self._dir(checkpoint)
         # Manifest first: a half-deleted checkpoint must not look valid.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(target, MANIFEST_NAME))
@@ -382,33 +499,35 @@ class S3CheckpointStorage:
         )
         self._transfer = TransferManager(client, config)
 
-    def describe(self, step: int) -> str:
-        return f"s3://{self.bucket}/{checkpoint_prefix(self.job_id, step)}"
+    def describe(self, checkpoint: CheckpointId) -> str:
+        return f"s3://{self.bucket}/{checkpoint_prefix(self.job_id, checkpoint)}"
 
-    def list_steps(self) -> list[int]:
+    def list_checkpoints(self) -> list[CheckpointId]:
         paginator = self._s3.get_paginator("list_objects_v2")
-        steps: list[int] = []
+        found: list[CheckpointId] = []
         for page in paginator.paginate(
             Bucket=self.bucket, Prefix=job_checkpoint_root(self.job_id), Delimiter="/"
         ):
             for common in page.get("CommonPrefixes", []):
-                step = step_of(common["Prefix"])
-                if step is not None:
-                    steps.append(step)
-        return sorted(steps)
+                checkpoint = checkpoint_id_of(common["Prefix"])
+                if checkpoint is not None:
+                    found.append(checkpoint)
+        return sorted(found)
 
-    def read_manifest(self, step: int) -> bytes | None:
+    def read_manifest(self, checkpoint: CheckpointId) -> bytes | None:
         try:
             response = self._s3.get_object(
-                Bucket=self.bucket, Key=checkpoint_prefix(self.job_id, step) + MANIFEST_NAME
+                Bucket=self.bucket, Key=checkpoint_prefix(self.job_id, checkpoint) + MANIFEST_NAME
             )
         except self._s3.exceptions.NoSuchKey:
             return None
         body: bytes = response["Body"].read()
         return body
 
-    def put_files(self, step: int, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]) -> None:
-        prefix = checkpoint_prefix(self.job_id, step)
+    def put_files(
+        self, checkpoint: CheckpointId, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]
+    ) -> None:
+        prefix = checkpoint_prefix(self.job_id, checkpoint)
         futures = [self._transfer.upload(local, self.bucket, prefix + relative) for local, relative in files]
         pending = list(futures)
         while pending:
@@ -427,16 +546,16 @@ class S3CheckpointStorage:
         for future in futures:
             future.result()  # re-raise the first upload error, if any
 
-    def put_manifest(self, step: int, manifest: bytes) -> None:
+    def put_manifest(self, checkpoint: CheckpointId, manifest: bytes) -> None:
         self._s3.put_object(
             Bucket=self.bucket,
-            Key=checkpoint_prefix(self.job_id, step) + MANIFEST_NAME,
+            Key=checkpoint_prefix(self.job_id, checkpoint) + MANIFEST_NAME,
             Body=manifest,
             ContentType="application/json",
         )
 
-    def fetch(self, step: int, files: Sequence[ManifestFile], dest_dir: str) -> dict[str, str]:
-        prefix = checkpoint_prefix(self.job_id, step)
+    def fetch(self, checkpoint: CheckpointId, files: Sequence[ManifestFile], dest_dir: str) -> dict[str, str]:
+        prefix = checkpoint_prefix(self.job_id, checkpoint)
         local: dict[str, str] = {}
         futures = []
         for entry in files:
@@ -451,8 +570,8 @@ class S3CheckpointStorage:
                 raise FetchFailed(f"download failed: {exc}") from exc
         return local
 
-    def delete(self, step: int) -> None:
-        prefix = checkpoint_prefix(self.job_id, step)
+    def delete(self, checkpoint: CheckpointId) -> None:
+        prefix = checkpoint_prefix(self.job_id, checkpoint)
         # Manifest first: a half-deleted checkpoint must not look valid.
         self._s3.delete_object(Bucket=self.bucket, Key=prefix + MANIFEST_NAME)
         keys = list(self._keys(prefix))
@@ -475,18 +594,18 @@ class FetchFailed(RuntimeError):
 
 
 def verify_checkpoint(
-    storage: CheckpointStorage, step: int, *, job_id: str, dest_dir: str
+    storage: CheckpointStorage, checkpoint: CheckpointId, *, job_id: str, dest_dir: str
 ) -> tuple[Manifest, dict[str, str]] | str:
     """Fetch and fully verify one checkpoint: (manifest, local paths) or the reason it is invalid."""
-    raw = storage.read_manifest(step)
+    raw = storage.read_manifest(checkpoint)
     if raw is None:
         return "missing manifest (incomplete or killed mid-upload)"
     try:
-        manifest = parse_manifest(raw, expect_job_id=job_id, expect_step=step)
+        manifest = parse_manifest_at(raw, checkpoint, job_id=job_id)
     except InvalidManifest as exc:
         return str(exc)
     try:
-        paths = storage.fetch(step, manifest.files, dest_dir)
+        paths = storage.fetch(checkpoint, manifest.files, dest_dir)
     except (FetchFailed, OSError) as exc:
         return str(exc)
     for entry in manifest.files:

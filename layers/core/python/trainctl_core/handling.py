@@ -12,6 +12,7 @@ from aws_lambda_powertools.utilities.idempotency import (
 
 from trainctl_core import clients
 from trainctl_core.commands import CheckpointCommands
+from trainctl_core.errors import CheckpointRequestFailed, InstanceUnreachable
 from trainctl_core.jobs import utcnow
 from trainctl_core.observability import (
     METRIC_CHECKPOINT_REQUESTS,
@@ -66,7 +67,11 @@ def idempotency(
 
 
 def report(result: Result, *, event_type: str) -> dict[str, Any]:
-    """Log and count how an event was handled; returns the handler's response."""
+    """Log and count how an event was handled; returns the handler's response.
+
+    Raises `result.retry` (a transient checkpoint-request failure) once everything is
+    logged and counted, so that Lambda retries the event while the notice lasts.
+    """
     response = {"event": event_type, **result.as_dict()}
     metrics.add_dimension(name="outcome", value=result.outcome.value)
     metrics.add_metric(name=METRIC_EVENTS, unit=MetricUnit.Count, value=1)
@@ -79,6 +84,14 @@ def report(result: Result, *, event_type: str) -> dict[str, Any]:
     if result.checkpoint_requested:
         metrics.add_metric(name=METRIC_CHECKPOINT_REQUESTS, unit=MetricUnit.Count, value=1)
     logger.info("ec2 event handled", **response)
+    if result.retry is not None:
+        logger.warning(
+            "failing the invocation so that Lambda retries the checkpoint request",
+            job_id=result.job_id,
+            instance_id=result.instance_id,
+            error=str(result.retry),
+        )
+        raise result.retry
     return response
 
 
@@ -92,9 +105,16 @@ def reject(event: Any, problem: Exception, *, event_type: str) -> MalformedEvent
 
 def _report_signal_failure(job_id: str, instance_id: str, error: Exception) -> None:
     metrics.add_metric(name=METRIC_CHECKPOINT_SIGNAL_FAILURES, unit=MetricUnit.Count, value=1)
-    logger.warning(
+    code = error.code if isinstance(error, CheckpointRequestFailed) else type(error).__name__
+    retryable = isinstance(error, CheckpointRequestFailed) and error.retryable
+    # A gone instance is an expected race and a transient failure is retried; any other
+    # refusal (access denied, unknown document) repeats on every loss: a human must look.
+    expected = isinstance(error, InstanceUnreachable) or retryable
+    (logger.warning if expected else logger.error)(
         "checkpoint request not delivered; resume will use the newest periodic checkpoint",
         job_id=job_id,
         instance_id=instance_id,
         error=str(error),
+        code=code,
+        retryable=retryable,
     )

@@ -185,6 +185,10 @@ class Interruption(BaseModel):
     noticed_at: datetime
     deadline: datetime | None = None
     event_id: str | None = None
+    # Whether the recorder's checkpoint-now request reached SSM (None: it sent none, e.g.
+    # a loss without notice, or a row written before this field existed). False lets a
+    # retry of the event, or another warning about the same loss, ask again.
+    checkpoint_requested: bool | None = None
 
 
 class AttemptRecord(BaseModel):
@@ -249,11 +253,24 @@ class Job(BaseModel):
 
     @property
     def execution_name(self) -> str:
-        """Deterministic resume execution name: a second start is ExecutionAlreadyExists."""
+        """Name of the resume that follows the loss of the current attempt (`<job>-<attempt>`)."""
         return execution_name(self.job_id, self.attempt)
 
 
-def execution_name(job_id: str, attempt: int) -> str:
+LAUNCH_EXECUTION_SUFFIX = "launch"
+
+
+def execution_name(job_id: str, attempt: int, reason: InterruptionReason | str | None = None) -> str:
+    """The workflow execution's name for a job: deterministic, so a second start of the
+    same run is a no-op (same input) or `ExecutionAlreadyExists` (another input).
+
+    The launch (reason `launch`) is `<job>-launch`; the resume after the loss of attempt n
+    is `<job>-<n>`. The launch also runs with attempt 0, so naming it `<job>-0` would
+    take the name of the resume after attempt 0's loss, and Step Functions would refuse
+    that resume (the job would stay INTERRUPTED for ever).
+    """
+    if reason == InterruptionReason.LAUNCH:
+        return f"{job_id}-{LAUNCH_EXECUTION_SUFFIX}"
     return f"{job_id}-{attempt}"
 
 
@@ -309,6 +326,7 @@ def mark_interrupted(
     now: datetime,
     deadline: datetime | None = None,
     event_id: str | None = None,
+    checkpoint_requested: bool | None = None,
 ) -> Transition:
     """RUNNING/LAUNCHING(instance, attempt) -> INTERRUPTED, recording the interruption.
 
@@ -327,6 +345,7 @@ def mark_interrupted(
         noticed_at=now,
         deadline=deadline,
         event_id=event_id,
+        checkpoint_requested=checkpoint_requested,
     )
     return _transition(job, JobStatus.INTERRUPTED, now, append={"interruptions": [record]})
 

@@ -7,17 +7,24 @@ Idempotency here is per *loss*, keyed on (job, instance, attempt): the Spot warn
 state-change to shutting-down/terminated and a duplicate delivery of either all describe
 the same loss, and together they produce at most one interruption record, one resume
 execution (its name is derived from job and attempt) and one checkpoint request.
+
+A checkpoint request that fails never stops the rest: the loss is still recorded and the
+resume still starts (the workflow falls back to the newest periodic checkpoint when no
+final one arrives). When the failure is transient and the notice has not run out, the
+`Result` carries it in `retry`, for the handler to raise *after* everything else is done:
+a Lambda retry then finds the loss recorded with `checkpoint_requested=False` and asks
+again, and every other step of the retry is a no-op.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
-from trainctl_core.commands import InstanceUnreachable
+from trainctl_core.errors import CheckpointRequestFailed, ConcurrentUpdate
 from trainctl_core.jobs import (
     AlreadyInterrupted,
     InterruptionReason,
@@ -28,7 +35,6 @@ from trainctl_core.jobs import (
     Transition,
     mark_interrupted,
 )
-from trainctl_core.store import ConcurrentUpdate
 
 
 class Outcome(StrEnum):
@@ -52,9 +58,15 @@ class Result:
     interruption_recorded: bool = False
     execution_started: bool = False
     detail: str | None = None
+    checkpoint_error: str | None = None  # why the checkpoint request failed, if it did
+    # A failed checkpoint request that a retry of the event can still deliver (transient
+    # error, notice not over). The handler raises it after reporting this result.
+    retry: CheckpointRequestFailed | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (v.value if isinstance(v, StrEnum) else v) for k, v in self.__dict__.items()}
+        return {
+            k: (v.value if isinstance(v, StrEnum) else v) for k, v in self.__dict__.items() if k != "retry"
+        }
 
 
 class JobRepository(Protocol):
@@ -63,7 +75,9 @@ class JobRepository(Protocol):
 
 
 class CheckpointSignaller(Protocol):
-    def request_checkpoint(self, *, instance_id: str, job_id: str, deadline: datetime) -> str: ...
+    def request_checkpoint(
+        self, *, instance_id: str, job_id: str, deadline: datetime, stop: bool = True
+    ) -> str: ...
 
 
 class ResumeLauncher(Protocol):
@@ -100,27 +114,31 @@ class Recovery:
         if job is None:
             return ignored  # type: ignore[return-value]
         deadline = noticed_at + self._notice
-        requested = False
+        requested, failure = False, None
         # A state-change may have recorded this loss first; the warning still asks for a
         # final checkpoint unless a warning already did (the instance may still be alive).
-        already_warned = self._warned(job, job.attempt)
-        if not already_warned:
-            requested = self._request_checkpoint(job, instance_id, deadline)
+        if self._needs_checkpoint(job):
+            requested, failure = self._request_checkpoint(job, instance_id, deadline)
         result = self._record_and_resume(
             job,
             instance_id=instance_id,
             reason=InterruptionReason.SPOT_WARNING,
             deadline=deadline,
             event_id=event_id,
+            checkpoint_requested=requested,
         )
-        return _with(result, checkpoint_requested=requested)
+        return self._finish(result, requested, failure, deadline)
 
     def on_rebalance(self, *, instance_id: str, noticed_at: datetime, event_id: str) -> Result:
         """Rebalance risk: checkpoint now; migrate early if the job's policy says so."""
         job, ignored = self._current_job(instance_id)
         if job is None:
             return ignored  # type: ignore[return-value]
-        if job.status not in (JobStatus.RUNNING, JobStatus.LAUNCHING):
+        # A retry of the very event that recorded a migration goes on: its checkpoint
+        # request may have failed, and its resume may not have started.
+        if job.status not in (JobStatus.RUNNING, JobStatus.LAUNCHING) and not self._recorded_by(
+            job, event_id
+        ):
             return Result(
                 Outcome.IGNORED_STALE,
                 instance_id,
@@ -131,23 +149,24 @@ class Recovery:
         # No fixed deadline comes with a rebalance recommendation; the notice period is a
         # reasonable bound for the agent to make the checkpoint durable.
         deadline = noticed_at + self._notice
-        requested = self._request_checkpoint(job, instance_id, deadline)
-        if job.spec.on_rebalance != "migrate":
-            return Result(
-                Outcome.CHECKPOINT_REQUESTED,
-                instance_id,
-                job.job_id,
-                job.attempt,
-                checkpoint_requested=requested,
-            )
+        requested, failure = False, None
+        migrate = job.spec.on_rebalance == "migrate"
+        if self._needs_checkpoint(job):
+            # Without migration the instance keeps training after this checkpoint: the
+            # agent must not stop its training process (the Spot warning may never come).
+            requested, failure = self._request_checkpoint(job, instance_id, deadline, stop=migrate)
+        if not migrate:
+            result = Result(Outcome.CHECKPOINT_REQUESTED, instance_id, job.job_id, job.attempt)
+            return self._finish(result, requested, failure, deadline)
         result = self._record_and_resume(
             job,
             instance_id=instance_id,
             reason=InterruptionReason.REBALANCE_MIGRATE,
             deadline=deadline,
             event_id=event_id,
+            checkpoint_requested=requested,
         )
-        return _with(result, checkpoint_requested=requested)
+        return self._finish(result, requested, failure, deadline)
 
     def on_state_change(
         self, *, instance_id: str, state: str, changed_at: datetime, event_id: str, is_loss: bool
@@ -192,22 +211,66 @@ class Recovery:
         return job, None
 
     @staticmethod
-    def _warned(job: Job, attempt: int) -> bool:
-        interruption = job.interruption_for(attempt)
-        return interruption is not None and interruption.reason in (
-            InterruptionReason.SPOT_WARNING,
-            InterruptionReason.REBALANCE_MIGRATE,
+    def _needs_checkpoint(job: Job) -> bool:
+        """Whether to ask the current attempt's instance for a checkpoint now.
+
+        Yes unless a warning (or a migrating rebalance) recorded this attempt's loss and
+        its request went out: once is enough, later signals about the same loss add
+        nothing. A loss recorded without notice, or whose request failed, asks again.
+        """
+        interruption = job.interruption_for(job.attempt)
+        if interruption is None:
+            return True
+        if interruption.reason not in (InterruptionReason.SPOT_WARNING, InterruptionReason.REBALANCE_MIGRATE):
+            return True
+        return interruption.checkpoint_requested is False
+
+    @staticmethod
+    def _recorded_by(job: Job, event_id: str) -> bool:
+        """This event recorded the current attempt's loss: it is being delivered again."""
+        interruption = job.interruption_for(job.attempt)
+        return (
+            job.status == JobStatus.INTERRUPTED
+            and interruption is not None
+            and interruption.event_id == event_id
         )
 
-    def _request_checkpoint(self, job: Job, instance_id: str, deadline: datetime) -> bool:
+    def _request_checkpoint(
+        self, job: Job, instance_id: str, deadline: datetime, *, stop: bool = True
+    ) -> tuple[bool, CheckpointRequestFailed | None]:
         try:
-            self._signaller.request_checkpoint(instance_id=instance_id, job_id=job.job_id, deadline=deadline)
-        except InstanceUnreachable as exc:
-            # The instance is already gone or its SSM agent is down: the workflow's
-            # handshake will time out and resume from the newest periodic checkpoint.
+            self._signaller.request_checkpoint(
+                instance_id=instance_id, job_id=job.job_id, deadline=deadline, stop=stop
+            )
+        except CheckpointRequestFailed as exc:
+            # Reported, then recovery goes on: without a final checkpoint the workflow's
+            # handshake times out and it resumes from the newest periodic checkpoint.
             self._on_signal_failure(job.job_id, instance_id, exc)
-            return False
-        return True
+            return False, exc
+        return True, None
+
+    def _finish(
+        self,
+        result: Result,
+        requested: bool,
+        failure: CheckpointRequestFailed | None,
+        deadline: datetime,
+    ) -> Result:
+        """Attach the checkpoint request's fate; ask for a retry only if it can still help."""
+        if failure is None:
+            return _with(result, checkpoint_requested=requested)
+        helps = (
+            failure.retryable
+            and self._clock() < deadline
+            # The loss is this job's (recorded now or before): not an instance it left.
+            and result.outcome in (Outcome.RESUME_STARTED, Outcome.CHECKPOINT_REQUESTED)
+        )
+        return _with(
+            result,
+            checkpoint_requested=False,
+            checkpoint_error=str(failure),
+            retry=failure if helps else None,
+        )
 
     def _record_and_resume(
         self,
@@ -217,6 +280,7 @@ class Recovery:
         reason: InterruptionReason,
         deadline: datetime | None,
         event_id: str,
+        checkpoint_requested: bool | None = None,
     ) -> Result:
         now = self._clock()
         recorded = False
@@ -230,6 +294,7 @@ class Recovery:
                     now=now,
                     deadline=deadline,
                     event_id=event_id,
+                    checkpoint_requested=checkpoint_requested,
                 )
             except AlreadyInterrupted:
                 break  # another signal recorded this loss: make sure the resume runs

@@ -19,7 +19,10 @@ from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
-from trainctl_core.jobs import CheckpointRef, Job, JobError, Transition, format_time
+# The errors this adapter raises are defined boto3-free (domain code catches them) and
+# re-exported here for callers that think of them as the store's.
+from trainctl_core.errors import ConcurrentUpdate, JobAlreadyExists, JobNotFound, Superseded
+from trainctl_core.jobs import CheckpointRef, Job, Transition, format_time
 from trainctl_core.settings import (
     JOBS_BY_INSTANCE_INDEX,
     JOBS_INSTANCE_ATTRIBUTE,
@@ -28,39 +31,6 @@ from trainctl_core.settings import (
 
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
-
-
-class JobNotFound(JobError):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"job {job_id} does not exist")
-        self.job_id = job_id
-
-
-class JobAlreadyExists(JobError):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"job {job_id} already exists")
-        self.job_id = job_id
-
-
-class ConcurrentUpdate(JobError):
-    """The row changed since the writer read it; `current` is the row as it is now."""
-
-    def __init__(self, job_id: str, current: Job | None) -> None:
-        super().__init__(f"job {job_id} changed since it was read")
-        self.job_id, self.current = job_id, current
-
-
-class Superseded(JobError):
-    """A fenced write from an instance/attempt that is no longer the job's current one."""
-
-    def __init__(self, job_id: str, instance_id: str, attempt: int, current: Job | None) -> None:
-        super().__init__(f"job {job_id}: instance {instance_id} attempt {attempt} is no longer current")
-        self.job_id, self.instance_id, self.attempt, self.current = (
-            job_id,
-            instance_id,
-            attempt,
-            current,
-        )
 
 
 def job_key(job_id: str) -> dict[str, Any]:

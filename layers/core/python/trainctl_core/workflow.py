@@ -1,8 +1,9 @@
 """Step Functions adapter: start the resume workflow, complete its checkpoint handshake.
 
 The only module here that talks to Step Functions. The execution name is derived from
-(job, attempt), so a second start for the same loss is `ExecutionAlreadyExists`, which
-this adapter reports as "already started" rather than an error.
+the input document (`<job>-launch` for the launch, `<job>-<attempt>` for the resume after
+the loss of that attempt), so a second start of the same run is `ExecutionAlreadyExists`,
+which this adapter reports as "already started" rather than an error.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+# Re-exported: the agent imports the handshake's error from here.
+from trainctl_core.errors import HandshakeError
 from trainctl_core.jobs import InterruptionReason, execution_name, format_time
+
+__all__ = ["Handshake", "HandshakeError", "ResumeStarter", "execution_name_for", "resume_input"]
 
 
 def resume_input(
@@ -45,19 +50,29 @@ def resume_input(
     return document
 
 
+def execution_name_for(document: dict[str, Any]) -> str:
+    """The execution name of a workflow input document (see `jobs.execution_name`)."""
+    return execution_name(document["job_id"], int(document["attempt"]), document["reason"])
+
+
 class ResumeStarter:
-    """Starts the resume state machine for one (job, attempt)."""
+    """Starts the resume state machine: the launch of a job, or the resume after a loss."""
 
     def __init__(self, client: Any, state_machine_arn: str) -> None:
         self._sfn = client
         self._arn = state_machine_arn
 
     def start(self, document: dict[str, Any]) -> bool:
-        """Start the execution; False if it had already been started (a duplicate)."""
+        """Start the execution named after `document`.
+
+        True when started, or already running with the same input (Step Functions answers
+        such a repeat with success). False on `ExecutionAlreadyExists`: the name is taken
+        by an execution that has ended or has another input, i.e. this run was started.
+        """
         try:
             self._sfn.start_execution(
                 stateMachineArn=self._arn,
-                name=execution_name(document["job_id"], document["attempt"]),
+                name=execution_name_for(document),
                 input=json.dumps(document),
             )
         except ClientError as exc:
@@ -65,10 +80,6 @@ class ResumeStarter:
                 return False
             raise
         return True
-
-
-class HandshakeError(Exception):
-    """The workflow no longer waits for this token (timed out, or already completed)."""
 
 
 class Handshake:
