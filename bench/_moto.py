@@ -42,36 +42,16 @@ def fake_aws_environment(environ: dict[str, str] | None = None) -> dict[str, str
 
 
 def create_jobs_table(ddb: Any, name: str = JOBS_TABLE, *, index_projection: str = "KEYS_ONLY") -> None:
-    """The jobs table with its by-instance index (keys only, as deployed)."""
-    from trainctl_core.settings import JOBS_BY_INSTANCE_INDEX, JOBS_INSTANCE_ATTRIBUTE, JOBS_PARTITION_KEY
+    """The jobs table with its lookup indexes (keys only, as deployed)."""
+    from trainctl_core.tables import jobs_table_request
 
-    ddb.create_table(
-        TableName=name,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[
-            {"AttributeName": JOBS_PARTITION_KEY, "AttributeType": "S"},
-            {"AttributeName": JOBS_INSTANCE_ATTRIBUTE, "AttributeType": "S"},
-        ],
-        KeySchema=[{"AttributeName": JOBS_PARTITION_KEY, "KeyType": "HASH"}],
-        GlobalSecondaryIndexes=[
-            {
-                "IndexName": JOBS_BY_INSTANCE_INDEX,
-                "KeySchema": [{"AttributeName": JOBS_INSTANCE_ATTRIBUTE, "KeyType": "HASH"}],
-                "Projection": {"ProjectionType": index_projection},
-            }
-        ],
-    )
+    ddb.create_table(**jobs_table_request(name, projection=index_projection))
 
 
 def create_idempotency_table(ddb: Any, name: str = IDEMPOTENCY_TABLE) -> None:
-    from trainctl_core.settings import IDEMPOTENCY_PARTITION_KEY
+    from trainctl_core.tables import idempotency_table_request
 
-    ddb.create_table(
-        TableName=name,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[{"AttributeName": IDEMPOTENCY_PARTITION_KEY, "AttributeType": "S"}],
-        KeySchema=[{"AttributeName": IDEMPOTENCY_PARTITION_KEY, "KeyType": "HASH"}],
-    )
+    ddb.create_table(**idempotency_table_request(name))
 
 
 def create_checkpoint_document(ssm: Any, name: str = CHECKPOINT_DOCUMENT) -> None:

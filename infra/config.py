@@ -24,8 +24,13 @@ DEFAULT_AMI_PARAMETER = (
     "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-amazon-linux-2023/latest/ami-id"
 )
 
-# Latest Powertools v3 layer version confirmed in the Powertools docs (docs/index.md).
+# Latest Powertools v3 layer version confirmed in the Powertools docs
+# (docs/getting-started/install.md, "Lambda Layer": commercial, China and GovCloud ARNs).
 DEFAULT_POWERTOOLS_LAYER_VERSION = 27
+# A Lambda layer version ARN (any partition), for trainctl:powertools_layer_arn.
+_LAYER_VERSION_ARN = re.compile(
+    r"^arn:aws(?:-[a-z]+)*:lambda:(?P<region>[a-z]{2}(?:-[a-z]+)+-\d):\d{12}:layer:[A-Za-z0-9_-]+:\d+$"
+)
 
 # CloudWatch Logs accepts only these retention periods (days -> CDK enum member).
 _RETENTION_DAYS: dict[int, logs.RetentionDays] = dict(
@@ -111,8 +116,14 @@ class TrainctlConfig(BaseModel):
     # deploy on accounts with the default low concurrency quota, so it is opt-in.
     handler_reserved_concurrency: int | None = Field(default=None, ge=1, le=1000)
     powertools_layer_version: int = Field(default=DEFAULT_POWERTOOLS_LAYER_VERSION, ge=1)
+    # The whole layer ARN instead (python3.11/arm64 Powertools v3), for a region Powertools
+    # does not publish to (e.g. cn-northwest-1) or a copy in your own account.
+    powertools_layer_arn: str | None = None
     # None: follow the stage (dev destroys, prod retains data).
     removal_policy: Removal | None = None
+    # The FIS game-day template. AWS FIS does not exist in every region (not in the China
+    # regions, for one): turn it off there, or the deploy fails on the template's type.
+    gameday: bool = True
 
     @field_validator("account", mode="before")
     @classmethod
@@ -159,6 +170,32 @@ class TrainctlConfig(BaseModel):
         if value not in _RETENTION_DAYS:
             raise ValueError(f"CloudWatch Logs accepts only {sorted(_RETENTION_DAYS)}")
         return value
+
+    @field_validator("powertools_layer_arn")
+    @classmethod
+    def _check_layer_arn(cls, value: str | None) -> str | None:
+        if value is not None and not _LAYER_VERSION_ARN.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a Lambda layer version ARN "
+                "(arn:aws:lambda:<region>:<account>:layer:<name>:<version>)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_layer(self) -> TrainctlConfig:
+        if self.powertools_layer_arn is None:
+            return self
+        if "powertools_layer_version" in self.model_fields_set:
+            raise ValueError("give powertools_layer_arn or powertools_layer_version, not both")
+        found = _LAYER_VERSION_ARN.fullmatch(self.powertools_layer_arn)
+        assert found is not None  # checked by the field validator
+        # Lambda attaches layers from the function's own region only.
+        if self.region is not None and found["region"] != self.region:
+            raise ValueError(
+                f"powertools_layer_arn is in {found['region']}, the stack in {self.region}: "
+                "Lambda only attaches layers from the function's region"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_network(self) -> TrainctlConfig:

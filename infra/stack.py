@@ -75,7 +75,7 @@ class TrainctlStack(Stack):
             agent_logs=instances.agent_logs,
         )
         assert observability.guard_alarm is not None  # set by monitor()
-        gameday = GameDay(self, "GameDay", stop_alarm=observability.guard_alarm)
+        gameday = GameDay(self, "GameDay", stop_alarm=observability.guard_alarm) if config.gameday else None
 
         outputs = {
             OUTPUT_JOBS_TABLE: storage.jobs_table.table_name,
@@ -85,12 +85,13 @@ class TrainctlStack(Stack):
             OUTPUT_REPOSITORY_URI: storage.repository.repository_uri,
             OUTPUT_LAUNCH_TEMPLATE: instances.launch_template.launch_template_id or "",
             OUTPUT_CHECKPOINT_DOCUMENT: instances.checkpoint_document.ref,
-            OUTPUT_FIS_TEMPLATE: gameday.template.ref,
             OUTPUT_SUBNETS: Fn.join(",", instances.subnet_ids),
             OUTPUT_SECURITY_GROUP: instances.security_group.security_group_id,
             OUTPUT_INSTANCE_TYPES: ",".join(config.allowed_instance_types),
             OUTPUT_AGENT_LOG_GROUP: instances.agent_logs.log_group_name,
         }
+        if gameday is not None:
+            outputs[OUTPUT_FIS_TEMPLATE] = gameday.template.ref
         for name, value in outputs.items():
             # Explicit ids keep the output keys stable whatever the construct tree becomes.
             CfnOutput(self, name, value=value).override_logical_id(name)

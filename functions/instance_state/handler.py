@@ -4,11 +4,19 @@
 loss recorded yet -> RUNNING -> INTERRUPTED and the resume workflow, which resumes from the
 newest periodic checkpoint. If a warning already recorded the loss, the workflow it
 started is the one (same execution name): nothing new happens. Anything else is a no-op
-with a structured log line. Failure policy as in functions/interruption/handler.py.
+with a structured log line.
 
-The lookup is by the job's *current* instance (the by-instance index), so a late event
-about an instance the job has already replaced is reported as `ignored_unmanaged`, like
-any instance trainctl does not run on: either way nothing changes.
+Outcomes and failures:
+- A malformed event raises (Lambda retries, then parks it in the on-failure queue, which
+  alarms): an event shape AWS changed needs a human.
+- Not a loss (`pending`, `running`, `stopping`, `stopped`): `ignored_not_a_loss`.
+- An instance no job runs on: `ignored_unmanaged`. The instance of a job's last recorded
+  loss, already replaced (late events of every normal recovery): `ignored_stale`, with the
+  job and the attempt it was. An ended job: `ignored_terminal`. None of these raise: a
+  retry would change nothing. Each is counted under the `Events` metric's `outcome`.
+- A DynamoDB or Step Functions error raises so that Lambda retries: the transition is
+  conditional and the execution name deterministic, so a retry never records or resumes
+  twice.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ is `on_rebalance: migrate`.
 
 Failures:
 - A malformed event raises (retried, then parked in the on-failure queue, which alarms).
-- An unmanaged instance, an ended job or a stale attempt is a normal outcome (logged,
-  counted, no retry).
+- A normal outcome, logged with the ids, counted under `Events{outcome}`, never retried:
+  an instance no job runs on (`ignored_unmanaged`), an ended job (`ignored_terminal`), or
+  an instance the job already replaced, i.e. a late event (`ignored_stale`).
 - A failed checkpoint request never holds up (2) and (3): the failure is logged and
   counted (`CheckpointSignalFailures`), the loss is recorded and the resume started, and
   the workflow falls back to the newest periodic checkpoint if no final one arrives.
@@ -18,8 +19,11 @@ Failures:
   no-op (conditional write, deterministic execution name). An unreachable instance
   (already gone) or a refusal that would repeat (e.g. AccessDenied: logged at error
   level) does not raise: retrying cannot deliver it.
-- Any other AWS error (DynamoDB, Step Functions) raises so Lambda retries; every step is
-  idempotent, so a retry is safe.
+- Any other AWS error (DynamoDB, Step Functions) raises so Lambda retries. The write is
+  conditional and the execution name deterministic, so a retry never records or resumes
+  twice. It may send the checkpoint-now command again (it went out first, before the
+  failure): the agent joins a second request for the same notice to the checkpoint in
+  flight, or answers it with the final checkpoint it already recorded.
 """
 
 from __future__ import annotations

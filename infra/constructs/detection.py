@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
-from aws_cdk import ArnFormat, Duration, Stack
+from aws_cdk import ArnFormat, Aws, CfnCondition, CfnMapping, Duration, Fn, Stack, Token
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -15,9 +16,10 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from aws_cdk import aws_ssm as ssm
 from aws_cdk import aws_stepfunctions as sfn
+from aws_cdk.region_info import RegionInfo
 from constructs import Construct
 
-from infra.config import TrainctlConfig
+from infra.config import CONTEXT_PREFIX, ConfigError, TrainctlConfig
 from infra.constructs.nag import acknowledge
 from infra.packaging import core_layer_asset, functions_asset
 from trainctl_core.events import rule_patterns
@@ -28,11 +30,28 @@ from trainctl_core.settings import (
     ENV_IDEMPOTENCY_TABLE,
     ENV_JOBS_TABLE,
     ENV_RESUME_STATE_MACHINE_ARN,
+    JOBS_BY_INSTANCE_INDEX,
+    JOBS_BY_INTERRUPTED_INSTANCE_INDEX,
     TAG_MANAGED,
 )
 
 SERVICE_NAME = "trainctl"
-POWERTOOLS_ACCOUNT = "017000801446"  # AWS publishes the Powertools layers from this account
+# The AWS-managed Powertools layer (Python 3.11, arm64, like the handlers). Powertools
+# publishes it from one account in every commercial region and from other accounts, one
+# per region, in the China and GovCloud regions (Powertools docs, "Lambda Layer": "AWS
+# China regions", "AWS GovCloud regions"); no other region of those partitions has it.
+POWERTOOLS_LAYER_NAME = "AWSLambdaPowertoolsPythonV3-python311-arm64"
+POWERTOOLS_ACCOUNT = "017000801446"
+POWERTOOLS_REGIONAL_ACCOUNTS = {
+    "cn-north-1": "498634801083",
+    "us-gov-east-1": "165087284144",
+    "us-gov-west-1": "165093116878",
+}
+POWERTOOLS_MAPPING = "PowertoolsLayerAccounts"
+POWERTOOLS_CONDITION = "InCommercialPartition"
+# Indexes of the jobs table the handlers query (trainctl_core.store.JobStore:
+# find_by_instance, find_by_interrupted_instance), named one by one rather than `index/*`.
+HANDLER_QUERY_INDEXES = (JOBS_BY_INSTANCE_INDEX, JOBS_BY_INTERRUPTED_INSTANCE_INDEX)
 INTERRUPTION_HANDLER = "functions.interruption.handler.handler"
 INSTANCE_STATE_HANDLER = "functions.instance_state.handler.handler"
 # Which rule (key of trainctl_core.events.rule_patterns) feeds which handler.
@@ -85,7 +104,7 @@ class Detection(Construct):
                 description="trainctl_core: job model, store, events, settings",
             ),
             lambda_.LayerVersion.from_layer_version_arn(
-                self, "PowertoolsLayer", self._powertools_layer_arn()
+                self, "PowertoolsLayer", powertools_layer_arn(self, config)
             ),
         ]
         environment = {
@@ -115,15 +134,8 @@ class Detection(Construct):
             "Instance shutting-down/terminated without a warning: resume from the last checkpoint",
         )
         for handler in (self.interruption, self.instance_state):
-            jobs_table.grant_read_write_data(handler.function)
-            idempotency_table.grant_read_write_data(handler.function)
+            self._grant_tables(handler.function, jobs_table, idempotency_table)
             state_machine.grant_start_execution(handler.function)
-            acknowledge(
-                handler.function.role,  # type: ignore[arg-type]
-                "AwsSolutions-IAM5",
-                "The jobs table grant covers its indexes: handlers find a job by instance id (by-instance).",
-                f"Resource::{jobs_table.table_arn}/index/*",
-            )
         self._grant_send_checkpoint(self.interruption.function, checkpoint_document)
         self.rules = self._build_rules()
 
@@ -141,15 +153,47 @@ class Detection(Construct):
         acknowledge(queue, "AwsSolutions-SQS3", "This queue is itself a dead-letter queue.")
         return queue
 
-    def _powertools_layer_arn(self) -> str:
-        stack = Stack.of(self)
-        return stack.format_arn(
-            service="lambda",
-            account=POWERTOOLS_ACCOUNT,
-            resource="layer",
-            resource_name=f"AWSLambdaPowertoolsPythonV3-python311-arm64:{self._config.powertools_layer_version}",
-            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+    def _grant_tables(
+        self, function: lambda_.Function, jobs_table: dynamodb.ITable, idempotency_table: dynamodb.ITable
+    ) -> None:
+        """Exactly the DynamoDB calls a handler makes, rather than grant_read_write_data's dozen.
+
+        Jobs table: `JobStore.find_by_instance` / `find_by_interrupted_instance` (Query on
+        an index, GetItem of the hit) and `JobStore.apply` (a conditional UpdateItem, GetItem
+        after a lost condition); handlers never create, delete or scan rows. Idempotency
+        table: what Powertools' DynamoDBPersistenceLayer calls (get/put/update/delete_item
+        of one record).
+        """
+        function.add_to_role_policy(
+            iam.PolicyStatement(
+                sid="ReadAndTransitionJobRows",
+                actions=["dynamodb:GetItem", "dynamodb:UpdateItem"],
+                resources=[jobs_table.table_arn],
+            )
         )
+        function.add_to_role_policy(
+            iam.PolicyStatement(
+                sid="FindJobByInstance",
+                actions=["dynamodb:Query"],
+                resources=[f"{jobs_table.table_arn}/index/{index}" for index in HANDLER_QUERY_INDEXES],
+            )
+        )
+        function.add_to_role_policy(
+            iam.PolicyStatement(
+                sid="IdempotencyRecords",
+                actions=[
+                    "dynamodb:GetItem",
+                    "dynamodb:PutItem",
+                    "dynamodb:UpdateItem",
+                    "dynamodb:DeleteItem",
+                ],
+                resources=[idempotency_table.table_arn],
+            )
+        )
+        # Both tables use the free AWS managed key today; a customer key would need this.
+        for table in (jobs_table, idempotency_table):
+            if table.encryption_key is not None:
+                table.encryption_key.grant_encrypt_decrypt(function)
 
     def _build_handler(
         self,
@@ -259,6 +303,58 @@ class Detection(Construct):
             )
             rules[rule_id] = rule
         return rules
+
+
+def powertools_layer_arn(scope: Construct, config: TrainctlConfig) -> str:
+    """The Powertools layer in the stack's region: the configured ARN, else the published one.
+
+    With a known region the account is picked at synth (an unsupported region fails it with
+    a ConfigError); an env-agnostic template picks it at deploy time from AWS::Partition
+    and AWS::Region, so the same template deploys to China and GovCloud too.
+    """
+    if config.powertools_layer_arn:
+        return config.powertools_layer_arn
+    stack = Stack.of(scope)
+    return stack.format_arn(
+        service="lambda",
+        account=_powertools_account(stack),
+        resource="layer",
+        resource_name=f"{POWERTOOLS_LAYER_NAME}:{config.powertools_layer_version}",
+        arn_format=ArnFormat.COLON_RESOURCE_NAME,
+    )
+
+
+def _powertools_account(stack: Stack) -> str:
+    if not Token.is_unresolved(stack.region):
+        region = stack.region
+        if region in POWERTOOLS_REGIONAL_ACCOUNTS:
+            return POWERTOOLS_REGIONAL_ACCOUNTS[region]
+        # A region CDK does not know yet (no partition) is a new commercial one.
+        if RegionInfo.get(region).partition in ("aws", None):
+            return POWERTOOLS_ACCOUNT
+        raise ConfigError(
+            f"Powertools publishes no Lambda layer in {region} (outside the commercial regions "
+            f"only in {', '.join(sorted(POWERTOOLS_REGIONAL_ACCOUNTS))}): publish the layer in "
+            f"your account and set {CONTEXT_PREFIX}powertools_layer_arn"
+        )
+    commercial = stack.node.try_find_child(POWERTOOLS_CONDITION) or CfnCondition(
+        stack, POWERTOOLS_CONDITION, expression=Fn.condition_equals(Aws.PARTITION, "aws")
+    )
+    if stack.node.try_find_child(POWERTOOLS_MAPPING) is None:
+        CfnMapping(
+            stack,
+            POWERTOOLS_MAPPING,
+            mapping={region: {"Account": owner} for region, owner in POWERTOOLS_REGIONAL_ACCOUNTS.items()},
+        )
+    # Outside the commercial partition, a region missing from the mapping fails the deploy
+    # on this lookup (the layer does not exist there): set powertools_layer_arn instead.
+    return Token.as_string(
+        Fn.condition_if(
+            cast(CfnCondition, commercial).logical_id,
+            POWERTOOLS_ACCOUNT,
+            Fn.find_in_map(POWERTOOLS_MAPPING, Aws.REGION, "Account"),
+        )
+    )
 
 
 def _event_pattern(pattern: dict[str, object]) -> events.EventPattern:

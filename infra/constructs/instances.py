@@ -228,6 +228,16 @@ class Instances(Construct):
             )
         )
         repository.grant_pull(role)
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="SpotPricesForBudget",
+                # The agent accrues each attempt's cost against the job's budget guard from
+                # the Spot price history of its pool. A read of public prices, and the API
+                # has no resource-level permissions: "*" is the only resource it accepts.
+                actions=["ec2:DescribeSpotPriceHistory"],
+                resources=["*"],
+            )
+        )
         acknowledge(
             role,
             "AwsSolutions-IAM5",
@@ -238,8 +248,8 @@ class Instances(Construct):
         acknowledge(
             role,
             "AwsSolutions-IAM5",
-            "ecr:GetAuthorizationToken has no resource-level permissions; "
-            "image pulls are limited to the repository.",
+            "ecr:GetAuthorizationToken and ec2:DescribeSpotPriceHistory (a read of public Spot "
+            "prices) have no resource-level permissions; image pulls are limited to the repository.",
             "Resource::*",
         )
         return role

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aws_cdk import Duration, Stack
+from aws_cdk import ArnFormat, Duration, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_iam as iam
@@ -99,11 +99,45 @@ class Observability(Construct):
             master_key=self.alerts_key,
             enforce_ssl=True,
         )
+        self._allow_alarm_publishing()
         if config.alert_email:
             self.alerts_topic.add_subscription(subscriptions.EmailSubscription(config.alert_email))
         self.alarms: list[cloudwatch.Alarm] = []
         self.guard_alarm: cloudwatch.CompositeAlarm | None = None
         self.dashboard: cloudwatch.Dashboard | None = None
+
+    def _allow_alarm_publishing(self) -> None:
+        """Let this account's CloudWatch alarms publish to the topic (its resource policy).
+
+        `enforce_ssl` gives the topic a policy of its own, which replaces SNS's default one
+        (the owner account may publish). Alarms publish as the `cloudwatch.amazonaws.com`
+        service principal, which no identity policy covers: without this statement every
+        alarm notification fails with "no resource-based policy allows the SNS:Publish
+        action" and is dropped, while the alarm itself looks healthy. The state machine
+        publishes with its role (an identity-policy grant, same account), nothing else
+        publishes here.
+        """
+        stack = Stack.of(self)
+        self.alerts_topic.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="CloudWatchAlarmsPublish",
+                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+                actions=["sns:Publish"],
+                resources=[self.alerts_topic.topic_arn],
+                # Confused-deputy guard: only alarms of this account and region.
+                conditions={
+                    "StringEquals": {"aws:SourceAccount": stack.account},
+                    "ArnLike": {
+                        "aws:SourceArn": stack.format_arn(
+                            service="cloudwatch",
+                            resource="alarm",
+                            resource_name="*",
+                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                        )
+                    },
+                },
+            )
+        )
 
     def _build_key(self) -> kms.Key:
         # A customer key (the ~$1/month of the stack): CloudWatch alarms cannot publish to a
@@ -158,6 +192,15 @@ class Observability(Construct):
             "ResumeExecutionsFailed",
             "Resume workflow executions failed",
             state_machine.metric_failed(period=PERIOD, statistic=cloudwatch.Stats.SUM),
+        )
+        self._alarm(
+            "ResumeExecutionsTimedOut",
+            "Resume workflow executions hit the state machine timeout: a recovery stalled, and "
+            "nothing marked its job FAILED",
+            # The backstop for ResumeExecutionsFailed: an execution that times out never fails,
+            # so without this a stuck recovery would stay silent. No alarm on aborted
+            # executions: `trainctl cancel` stops a job's running executions by design.
+            state_machine.metric_timed_out(period=PERIOD, statistic=cloudwatch.Stats.SUM),
         )
         self._alarm(
             "JobsFailed",
@@ -275,6 +318,7 @@ class Observability(Construct):
                     state_machine.metric_started(period=PERIOD),
                     state_machine.metric_succeeded(period=PERIOD),
                     state_machine.metric_failed(period=PERIOD),
+                    state_machine.metric_timed_out(period=PERIOD),
                 ],
                 width=12,
             ),

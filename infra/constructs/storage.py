@@ -13,8 +13,7 @@ from infra.constructs.nag import acknowledge
 from trainctl_core.settings import (
     IDEMPOTENCY_PARTITION_KEY,
     IDEMPOTENCY_TTL_ATTRIBUTE,
-    JOBS_BY_INSTANCE_INDEX,
-    JOBS_INSTANCE_ATTRIBUTE,
+    JOBS_INDEXES,
     JOBS_PARTITION_KEY,
 )
 
@@ -46,17 +45,18 @@ class Storage(Construct):
             deletion_protection=self._removal is RemovalPolicy.RETAIN,
             removal_policy=self._removal,
         )
-        # Handlers map an EC2 event (instance id only) to its job through this index.
-        table.add_global_secondary_index(
-            index_name=JOBS_BY_INSTANCE_INDEX,
-            partition_key=dynamodb.Attribute(
-                name=JOBS_INSTANCE_ATTRIBUTE, type=dynamodb.AttributeType.STRING
-            ),
-            # Keys only: the handlers re-read the row consistently after the (eventually
-            # consistent) index hit, and a full projection would copy the whole row into
-            # the index on every heartbeat write.
-            projection_type=dynamodb.ProjectionType.KEYS_ONLY,
-        )
+        # Handlers map an EC2 event (instance id only) to its job through these indexes:
+        # the job's current instance, and the instance whose loss it recorded last (so a
+        # late event about a replaced instance is a stale attempt, not an unmanaged one).
+        for index_name, attribute in JOBS_INDEXES.items():
+            table.add_global_secondary_index(
+                index_name=index_name,
+                partition_key=dynamodb.Attribute(name=attribute, type=dynamodb.AttributeType.STRING),
+                # Keys only: the handlers re-read the row consistently after the (eventually
+                # consistent) index hit, and a full projection would copy the whole row into
+                # the index on every heartbeat write.
+                projection_type=dynamodb.ProjectionType.KEYS_ONLY,
+            )
         return table
 
     def _build_idempotency_table(self) -> dynamodb.Table:

@@ -3,12 +3,13 @@
 Its definition is `infra/workflows/resume.asl.json`, deployed as is with
 `DefinitionSubstitutions`; tests render the same file and execute it in moto. The role
 gets exactly the API actions that file calls (a test derives them from the ASL) plus what
-Step Functions itself needs for logging and tracing.
+Step Functions itself needs for logging and tracing. The execution timeout is the ASL's own
+`TimeoutSeconds`, derived from the tuning (`WorkflowTuning.execution_timeout_seconds`).
 """
 
 from __future__ import annotations
 
-from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
+from aws_cdk import ArnFormat, RemovalPolicy, Stack
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
@@ -59,7 +60,7 @@ class ResumeWorkflow(Construct):
         self._grant_table(jobs_table)
         self._grant_terminate()
         self._grant_sweep()
-        alerts_topic.grant_publish(self.state_machine)
+        self._grant_publish(alerts_topic)
         self._acknowledge_findings()
 
     # --- pieces -------------------------------------------------------------------------
@@ -122,6 +123,7 @@ class ResumeWorkflow(Construct):
             # Pinned to the version deployed with this stack, so a template change and the
             # workflow that launches it roll out together.
             launch_template_version=launch_template.latest_version_number,
+            partition=Stack.of(self).partition,
         )
         return sfn.StateMachine(
             self,
@@ -135,7 +137,8 @@ class ResumeWorkflow(Construct):
                 destination=self.log_group, level=sfn.LogLevel.ALL, include_execution_data=True
             ),
             tracing_enabled=True,
-            timeout=Duration.hours(1),
+            # No `timeout=`: CDK applies it only to definitions it builds itself (a
+            # from_string body is passed through untouched), so the timeout lives in the ASL.
             removal_policy=self._removal_policy,
         )
 
@@ -165,6 +168,25 @@ class ResumeWorkflow(Construct):
             )
         )
 
+    def _grant_publish(self, alerts_topic: sns.ITopic) -> None:
+        # Written out rather than `grant_publish`, whose key grant is kms:GenerateDataKey*.
+        # A publisher to a KMS-encrypted topic needs kms:GenerateDataKey and kms:Decrypt on
+        # the topic's key (SNS Developer Guide, "Allow a user to send messages to a topic
+        # with SSE"), nothing more.
+        self.state_machine.add_to_role_policy(
+            iam.PolicyStatement(
+                sid="PublishAlerts", actions=["sns:Publish"], resources=[alerts_topic.topic_arn]
+            )
+        )
+        if alerts_topic.master_key is not None:
+            self.state_machine.add_to_role_policy(
+                iam.PolicyStatement(
+                    sid="EncryptAlerts",
+                    actions=["kms:GenerateDataKey", "kms:Decrypt"],
+                    resources=[alerts_topic.master_key.key_arn],
+                )
+            )
+
     def _grant_sweep(self) -> None:
         # After a failed recovery the workflow looks for a replacement that was launched
         # but never recorded (tagged with the job and the next attempt) and terminates it.
@@ -189,9 +211,7 @@ class ResumeWorkflow(Construct):
             "Instance ids are unknown in advance: termination is limited to instances carrying "
             "the trainctl:managed tag (aws:ResourceTag condition). ec2:DescribeInstances (a read, "
             "used to find an unrecorded replacement after a failed recovery), log delivery and X-Ray "
-            "actions have no resource-level permissions. kms:GenerateDataKey* is CDK's grant for "
-            "publishing to the KMS-encrypted alerts topic.",
+            "actions have no resource-level permissions.",
             f"Resource::{ec2_arn('instance')}",
             "Resource::*",
-            "Action::kms:GenerateDataKey*",
         )

@@ -8,6 +8,7 @@ outputs the CLI reads (`describe_stacks`), under the names infra/stack.py define
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -24,6 +25,8 @@ os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 import boto3
 import pytest
 from moto import mock_aws
+from moto.core import DEFAULT_ACCOUNT_ID as ACCOUNT_ID
+from moto.ec2.models import ec2_backends
 from moto.ec2.responses.spot_instances import SpotInstances
 from moto.stepfunctions.parser.asl.component.state.choice.comparison.operator.implementations.is_operator import (  # noqa: E501
     IsTimestamp,
@@ -36,13 +39,8 @@ from trainctl.commands import stack as stack_mod
 from trainctl.commands.output import Deps
 from trainctl_core import clients, jobs, settings
 from trainctl_core.jobs import CapacityPool, CheckpointRef, Job, JobSpec
-from trainctl_core.settings import (
-    IDEMPOTENCY_PARTITION_KEY,
-    JOBS_BY_INSTANCE_INDEX,
-    JOBS_INSTANCE_ATTRIBUTE,
-    JOBS_PARTITION_KEY,
-)
 from trainctl_core.store import JobStore
+from trainctl_core.tables import idempotency_table_request, jobs_table_request
 
 REGION = "us-east-1"
 STACK = "Trainctl"
@@ -171,6 +169,24 @@ class Stack:
             )
         )
 
+    def retire(self, instance_id: str, at: datetime) -> None:
+        """Terminate an instance as of `at`: EC2's StateTransitionReason, in AWS's words."""
+        self.ec2.terminate_instances(InstanceIds=[instance_id])
+        instance = ec2_backends[ACCOUNT_ID][REGION].get_instance(instance_id)
+        # moto stamps the real clock (and writes "UTC"); AWS writes "GMT".
+        instance._reason = f"User initiated ({at.astimezone(UTC):%Y-%m-%d %H:%M:%S} GMT)"
+
+    def put_logs(self, stream: str, *messages: str, at: float) -> None:
+        """Agent log events in the stack's agent log group, `at` seconds since the epoch."""
+        group = stack_mod.default_agent_log_group(STACK)
+        with contextlib.suppress(self.logs.exceptions.ResourceAlreadyExistsException):
+            self.logs.create_log_stream(logGroupName=group, logStreamName=stream)
+        self.logs.put_log_events(
+            logGroupName=group,
+            logStreamName=stream,
+            logEvents=[{"timestamp": int(at * 1000) + i, "message": m} for i, m in enumerate(messages)],
+        )
+
     def wait_execution(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         arn = self.state_machine_arn.replace(":stateMachine:", ":execution:") + f":{name}"
         deadline = time.monotonic() + timeout
@@ -220,30 +236,10 @@ def _build_stack() -> Stack:
     )
     logs, ecr, fis, cfn = (client(n) for n in ("logs", "ecr", "fis", "cloudformation"))
     table = "trainctl-jobs"
-    ddb.create_table(
-        TableName=table,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[
-            {"AttributeName": JOBS_PARTITION_KEY, "AttributeType": "S"},
-            {"AttributeName": JOBS_INSTANCE_ATTRIBUTE, "AttributeType": "S"},
-        ],
-        KeySchema=[{"AttributeName": JOBS_PARTITION_KEY, "KeyType": "HASH"}],
-        GlobalSecondaryIndexes=[
-            {
-                "IndexName": JOBS_BY_INSTANCE_INDEX,
-                "KeySchema": [{"AttributeName": JOBS_INSTANCE_ATTRIBUTE, "KeyType": "HASH"}],
-                "Projection": {"ProjectionType": "KEYS_ONLY"},
-            }
-        ],
-    )
+    ddb.create_table(**jobs_table_request(table))
     # The handlers' idempotency table: tests run the real interruption handler against
     # this stack (the CLI itself never touches it).
-    ddb.create_table(
-        TableName=IDEMPOTENCY_TABLE,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[{"AttributeName": IDEMPOTENCY_PARTITION_KEY, "AttributeType": "S"}],
-        KeySchema=[{"AttributeName": IDEMPOTENCY_PARTITION_KEY, "KeyType": "HASH"}],
-    )
+    ddb.create_table(**idempotency_table_request(IDEMPOTENCY_TABLE))
     vpc_id = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
     zones = {}
     for i, az in enumerate("ab"):

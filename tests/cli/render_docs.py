@@ -4,9 +4,11 @@ tests/cli/conftest.py and paste their output.
     .venv/bin/python -m tests.cli.render_docs          # rewrites docs/CLI.md
 
 The cloud is moto; what the serverless side would do between commands (the agent
-reporting RUNNING and checkpoints, the interruption handler and the resume workflow
-replacing an instance) is played by the same helpers the tests use, and said so in the
-page. Prices are moto's patched spot history (illustrative numbers).
+reporting RUNNING, checkpoints and its recovery metric lines, the interruption handler
+and the resume workflow replacing an instance and retiring the old one) is played by the
+same helpers the tests use, and said so in the page. Prices are moto's patched spot
+history (illustrative numbers). tests/cli/test_docs.py checks that docs/CLI.md is what
+this produces (ids, times and numbers aside).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typer.testing import CliRunner  # noqa: E402 - after the environment defaul
 from tests.cli import conftest  # noqa: E402 - after the environment defaults
 from trainctl.cli import app  # noqa: E402 - after the environment defaults
 from trainctl.commands.output import Deps  # noqa: E402 - after the environment defaults
-from trainctl_core import jobs  # noqa: E402 - after the environment defaults
+from trainctl_core import jobs, metrics  # noqa: E402 - after the environment defaults
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "CLI.md"
 TEMPLATE = Path(__file__).with_name("CLI.md.in")
@@ -69,13 +71,33 @@ def utc(**delta: float) -> datetime:
     return datetime.now(UTC) + timedelta(**delta)
 
 
+def metric_line(name: str, value: float, job_id: str) -> str:
+    """A recovery metric line as the agent ships it (trainctl_core.metrics)."""
+    return metrics.metric_line(name, value, metrics.Unit.SECONDS, job_id=job_id)
+
+
 def main() -> None:
+    DOC.write_text(generate())
+    print(f"wrote {DOC}")
+
+
+def generate() -> str:
+    """docs/CLI.md as the commands print it now (runs them in a scratch directory)."""
+    home = Path.cwd()
     cwd = Path(tempfile.mkdtemp(prefix="trainctl-docs-"))
     (cwd / "trainctl.yaml").write_text(SPEC)
     (cwd / "bad.yaml").write_text(BAD_SPEC)
     os.chdir(cwd)
+    try:
+        return render(_capture())
+    finally:
+        os.chdir(home)
+
+
+def _capture() -> dict[str, str]:
     original = conftest.SpotInstances.describe_spot_price_history
     conftest.SpotInstances.describe_spot_price_history = conftest._describe_spot_price_history  # type: ignore[method-assign]
+    prices = dict(conftest.SPOT_PRICES)  # run from a test: leave the module's prices as found
     out: dict[str, str] = {}
     try:
         with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
@@ -133,25 +155,37 @@ def main() -> None:
             m5, c5 = stack.pools("m5.large")[0], stack.pools("c5.xlarge", "c5.xlarge")[1]
             old = stack.new_job([m5, c5], now=utc(hours=-6))
             old = stack.start_attempt(old, m5, utc(hours=-6))
+            first_instance = old.instance_id
+            assert first_instance is not None
             old = stack.checkpoint(old, 9000, utc(hours=-4, minutes=-4), final=False)
-            old = stack.interrupt(old, utc(hours=-4))
-            old = stack.checkpoint(old, 9300, utc(hours=-4, seconds=40), final=True)
+            noticed = utc(hours=-4).replace(microsecond=0)  # EC2's record has whole seconds too
+            old = stack.interrupt(old, noticed)
+            old = stack.checkpoint(old, 9300, noticed + timedelta(seconds=8), final=True)
             launched = stack.store.apply(
                 jobs.mark_launching(
                     old,
                     instance_id=stack.launch(old.job_id, 1, c5),
                     pool=c5.label,
                     resume_point=jobs.ResumePoint(kind="final", step=9300),
-                    now=utc(hours=-4, seconds=25),
+                    now=noticed + timedelta(seconds=25),
                 )
             )
-            assert launched.instance_id is not None
+            second_instance = launched.instance_id
+            assert second_instance is not None
             running = stack.store.apply(
-                jobs.mark_running(launched, instance_id=launched.instance_id, now=utc(hours=-3, minutes=-58))
+                jobs.mark_running(launched, instance_id=second_instance, now=noticed + timedelta(seconds=70))
             )
-            stack.store.apply(
-                jobs.mark_succeeded(running, instance_id=launched.instance_id, now=utc(hours=-1))
-            )
+            stack.store.apply(jobs.mark_succeeded(running, instance_id=second_instance, now=utc(hours=-1)))
+            # The agents' recovery lines: the final checkpoint durable 41 s after the
+            # notice, training again on the replacement 96 s after it. The workflow
+            # retired the old instance once both the checkpoint and the launch were done;
+            # the replacement shut itself down after the job succeeded.
+            durable = metric_line(metrics.TIME_TO_CHECKPOINT, 41, old.job_id)
+            resumed = metric_line(metrics.TIME_TO_RESUME, 96, old.job_id)
+            stack.put_logs(f"{old.job_id}/0/{first_instance}", durable, at=time.time())
+            stack.put_logs(f"{old.job_id}/1/{second_instance}", resumed, at=time.time())
+            stack.retire(first_instance, noticed + timedelta(seconds=42))
+            stack.retire(second_instance, utc(hours=-1, seconds=6))
 
             out["list"] = session.run("list")
             out["savings"] = session.run("savings", old.job_id, "--plot", "timeline.png")
@@ -168,10 +202,11 @@ def main() -> None:
             out["help"] = session.run("--help")
     finally:
         conftest.SpotInstances.describe_spot_price_history = original  # type: ignore[method-assign]
+        conftest.SPOT_PRICES.clear()
+        conftest.SPOT_PRICES.update(prices)
     # Outside moto: this machine has no Docker daemon, which is what a user without one sees.
     out["no_docker"] = Session(Deps()).run("build")
-    DOC.write_text(render(out))
-    print(f"wrote {DOC}")
+    return out
 
 
 def render(out: dict[str, str]) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -143,25 +145,40 @@ def at(minutes: float) -> datetime:
     return T + timedelta(minutes=minutes)
 
 
+def metric_line(name: str, value: float, job_id: str) -> str:
+    return json.dumps({"trainctl_metric": name, "value": value, "unit": "Seconds", "job_id": job_id})
+
+
 def hand_case_job(stack: Stack) -> jobs.Job:
-    """tests/cli/test_costs.py's hand-computed case, on real (moto) instances and rows."""
+    """tests/cli/test_costs.py's hand-computed case, on real (moto) instances, rows and logs."""
     m5, c5 = stack.pools("m5.large")[0], stack.pools("c5.xlarge", "c5.xlarge")[1]
     job = stack.new_job([m5, c5], now=T)
     job = stack.start_attempt(job, m5, at(0))
+    old = job.instance_id
+    assert old is not None
     job = stack.checkpoint(job, 500, at(50), final=False)
     job = stack.interrupt(job, at(60), notice=120)
+    job = stack.checkpoint(job, 600, at(60) + timedelta(seconds=10), final=True)
+    new = stack.launch(job.job_id, 1, c5)
     launched = stack.store.apply(
         jobs.mark_launching(
             job,
-            instance_id=stack.launch(job.job_id, 1, c5),
+            instance_id=new,
             pool=c5.label,
-            resume_point=jobs.ResumePoint(kind="fallback", step=500),
+            resume_point=jobs.ResumePoint(kind="final", step=600),
             now=at(60.5),
         )
     )
-    assert launched.instance_id is not None
-    running = stack.store.apply(jobs.mark_running(launched, instance_id=launched.instance_id, now=at(61)))
-    return stack.store.apply(jobs.mark_succeeded(running, instance_id=launched.instance_id, now=at(120.5)))
+    running = stack.store.apply(jobs.mark_running(launched, instance_id=new, now=at(61)))
+    done = stack.store.apply(jobs.mark_succeeded(running, instance_id=new, now=at(120.5)))
+    # What the agents logged: the final checkpoint durable 40 s after the notice, training
+    # running again on the replacement 90 s after it. (Logged now: CloudWatch refuses
+    # events older than 14 days; the lines carry their own measure.)
+    stack.put_logs(f"{job.job_id}/0/{old}", metric_line("TimeToCheckpoint", 40, job.job_id), at=time.time())
+    stack.put_logs(f"{job.job_id}/1/{new}", metric_line("TimeToResume", 90, job.job_id), at=time.time())
+    # The workflow retired the old instance at 11:00:43 (EC2's record says so).
+    stack.retire(old, at(60) + timedelta(seconds=43))
+    return done
 
 
 def test_savings_report_from_ec2_price_history_matches_the_hand_case(
@@ -181,15 +198,28 @@ def test_savings_report_from_ec2_price_history_matches_the_hand_case(
     (report,) = result.json()["jobs"]
     assert [a["market"] for a in report["attempts"]] == ["spot", "spot"]
     assert [a["zone"] for a in report["attempts"]] == [zone_a, zone_b]
-    assert report["paid_usd"] == pytest.approx(0.1043333, abs=1e-6)
-    assert report["on_demand_same_seconds_usd"] == pytest.approx(0.2692)
-    assert (report["lost_seconds"], report["recovery_seconds"], report["overlap_seconds"]) == (600, 30, 90)
-    assert report["net_saving_usd"] == pytest.approx(0.1446167, abs=1e-6)
-    assert report["net_saving_pct"] == pytest.approx(58.09, abs=0.01)
+    first, second = report["attempts"]
+    # The hand case of test_costs.py, except that EC2's own record ends attempt 0 at
+    # 11:00:43 (three seconds after the agent's durable checkpoint): 3643 s, paid
+    # 1800 s x 0.030/h + 1843 s x 0.040/h = 0.0354778; attempt 1 as there (0.068).
+    assert (first["seconds"], first["ended_by"]) == (3643, "ec2")
+    assert first["paid_usd"] == pytest.approx(1800 / 3600 * 0.030 + 1843 / 3600 * 0.040)
+    assert report["paid_usd"] == pytest.approx(0.1034778, abs=1e-6)
+    assert report["on_demand_same_seconds_usd"] == pytest.approx((3643 * 0.096 + 3600 * 0.17) / 3600)
+    # Useful: 10:00-11:00 on m5.large, 11:01:30-12:00:30 on c5.xlarge (the agent's resume):
+    # 3600 x 0.096/h + 3540 x 0.17/h = 0.096 + 0.1671667.
+    assert (first["useful_seconds"], second["useful_seconds"]) == (3600, 3540)
+    assert report["baseline_usd"] == pytest.approx(0.2631667, abs=1e-6)
+    assert (report["lost_seconds"], report["recovery_seconds"], report["overlap_seconds"]) == (0, 30, 13)
+    assert report["boot_seconds"] == 47  # retired 11:00:43 -> resumed 11:01:30
+    assert report["net_saving_usd"] == pytest.approx(0.2631667 - 0.1034778, abs=1e-6)  # 0.1596889
+    assert report["net_saving_pct"] == pytest.approx(60.68, abs=0.01)
+    assert report["notes"] == []
     assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     text = cli("savings", job.job_id)
-    assert "net saving         $0.1446 (58.1%)" in text.stdout
+    assert "net saving         $0.1597 (60.7%)" in text.stdout
+    assert "overlap 13s, boot 47s" in text.stdout
     everything = cli("savings", "--all", "--json").json()
     assert job.job_id in {r["job_id"] for r in everything["jobs"]}
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 import yaml
+from moto.core import DEFAULT_ACCOUNT_ID as ACCOUNT_ID
+from moto.ec2.models import ec2_backends
+from moto.ssm.models import ssm_backends
 
 from tests.cli.conftest import REGION, Cli, LambdaContext, Stack, utc
 from trainctl.commands.jobs import _execution_names
@@ -231,25 +234,51 @@ def test_submit_with_a_dockerfile_needs_the_pushed_image(stack: Stack, cli: Cli,
 
 
 def test_status_reports_checkpoint_age_steps_at_risk_and_lost_steps(stack: Stack, cli: Cli) -> None:
-    job = stack.new_job(now=utc(minutes=-30))
-    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc(minutes=-30))
-    job = stack.checkpoint(job, 400, utc(minutes=-15), final=False)
-    job = stack.interrupt(job, utc(minutes=-10))  # 5 min after the checkpoint: lost
-    job = stack.start_attempt(job, stack.pools("c5.xlarge")[0], utc(minutes=-9))
+    # One clock for the rows and the CLI: figures exact however slow the machine is (whole
+    # seconds: the row keeps milliseconds).
+    now = utc().replace(microsecond=0)
+    cli.deps.now = lambda: now
+
+    def ago(minutes: float) -> datetime:
+        return now - timedelta(minutes=minutes)
+
+    job = stack.new_job(now=ago(30))
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], ago(30))
+    job = stack.checkpoint(job, 400, ago(15), final=False)
+    job = stack.interrupt(job, ago(10))  # 5 min after the checkpoint: lost
+    job = stack.start_attempt(job, stack.pools("c5.xlarge")[0], ago(9))
     assert job.instance_id is not None
     stack.store.heartbeat(job.job_id, instance_id=job.instance_id, attempt=1, step=700, steps_per_second=2.0)
 
     status = cli("status", job.job_id, "--json").json()
     assert (status["status"], status["attempt"], status["interruptions"]) == ("RUNNING", 1, 1)
     assert status["last_checkpoint"]["step"] == 400
-    assert status["last_checkpoint_age_seconds"] == pytest.approx(15 * 60, abs=5)
+    assert status["last_checkpoint_age_seconds"] == 15 * 60
     assert status["steps_at_risk"] == 300  # heartbeat 700 - checkpoint 400
-    assert status["lost_seconds"] == pytest.approx(300, abs=1)
+    assert status["lost_seconds"] == 300
     assert status["lost_steps"] == 600  # 300 s at 2 steps/s
 
     text = cli("status", job.job_id)
     assert text.exit_code == 0
     assert "RUNNING" in text.stdout and "step 400" in text.stdout and "lost steps   600" in text.stdout
+
+
+def test_status_counts_no_lost_steps_after_a_final_checkpoint_without_a_step_rate(
+    stack: Stack, cli: Cli
+) -> None:
+    # Given a job whose one interruption lost nothing (its final checkpoint landed), and
+    # whose replacement has not reported a step rate yet
+    job = stack.new_job(now=utc(minutes=-30))
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc(minutes=-30))
+    job = stack.interrupt(job, utc(minutes=-10))
+    job = stack.checkpoint(job, 400, utc(minutes=-10), final=True)
+    job = stack.start_attempt(job, stack.pools("c5.xlarge")[0], utc(minutes=-9))
+
+    status = cli("status", job.job_id, "--json").json()
+    assert status["steps_per_second"] is None
+    # Then the lost steps are 0, not "unknown": zero seconds need no rate
+    assert (status["lost_seconds"], status["lost_steps"]) == (0, 0)
+    assert "lost steps   0 (0s of training redone)" in cli("status", job.job_id).stdout
 
 
 def test_unknown_job_and_undeployed_stack_are_clear_errors(stack: Stack, cli: Cli) -> None:
@@ -259,6 +288,8 @@ def test_unknown_job_and_undeployed_stack_are_clear_errors(stack: Stack, cli: Cl
     undeployed = cli("status", "x", "--stack", "NotThere")
     assert undeployed.exit_code == 1
     assert "stack 'NotThere' is not deployed in us-east-1" in undeployed.stderr
+    # The README's Deploy section: the pinned CDK CLI (there is no `make deploy`).
+    assert "hint: deploy it with `npx cdk deploy`" in undeployed.stderr
     assert "Traceback" not in undeployed.stderr + undeployed.stdout
     # --region is honoured: the same stack name is not deployed in another region.
     elsewhere = cli("list", "--region", "eu-west-1")
@@ -281,10 +312,14 @@ def test_list_shows_interruptions_and_savings(stack: Stack, cli: Cli) -> None:
     rows = {r["job_id"]: r for r in cli("list", "--json").json()}
     row = rows[job.job_id]
     assert (row["status"], row["interruptions"]) == ("RUNNING", 1)
-    # Paid 62 min x 0.032 + 59 min x 0.06; baseline: on-demand (0.096, 0.17) minus the
-    # 60 lost minutes (no checkpoint: attempt 1 restarted from scratch) and 1 min overlap.
+    # Attempt 0 bills until the handshake's timeout (the notice deadline, -58 min: no
+    # final checkpoint), attempt 1 from its launch (-59 min) until now. Paid 62 min x 0.032
+    # + 59 min x 0.06. Useful: none of attempt 0's 60 training minutes (no checkpoint:
+    # attempt 1 restarted from scratch, so they are redone), and attempt 1's 58 minutes
+    # since the old instance ended (it cannot train before that; the agent logged no
+    # resume moment): baseline 58 min x 0.17 on-demand.
     paid = 62 / 60 * 0.032 + 59 / 60 * 0.06
-    baseline = 62 / 60 * 0.096 + 59 / 60 * 0.17 - 60 / 60 * 0.096 - 1 / 60 * 0.17
+    baseline = 58 / 60 * 0.17
     assert row["saving"]["usd"] == pytest.approx(baseline - paid, abs=1e-3)
     assert row["saving"]["pct"] == pytest.approx((baseline - paid) / baseline * 100, abs=0.5)
 
@@ -321,7 +356,62 @@ def test_cancel_running_job_takes_a_final_checkpoint_then_terminates(stack: Stac
     )
 
 
-def test_cancel_during_a_recovery_stops_the_workflow_and_every_instance(stack: Stack, cli: Cli) -> None:
+def test_cancel_recognises_a_final_checkpoint_at_the_same_step(stack: Stack, cli: Cli) -> None:
+    # Given a running job whose newest periodic checkpoint is at step 100, with steps so
+    # slow that the final checkpoint the cancel asks for is at step 100 too
+    job = stack.new_job()
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc())
+    job = stack.checkpoint(job, 100, utc(), final=False)
+    polls: list[float] = []
+
+    def agent_answers(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 1:
+            stack.checkpoint(job, 100, utc(), final=True)
+
+    cli.deps.sleep = agent_answers
+
+    # When it is cancelled
+    result = cli("cancel", job.job_id, "--grace", "60", "--json")
+
+    # Then the final checkpoint is confirmed as soon as the row records it (one poll, not
+    # the whole grace period)
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    assert report["checkpoint"]["landed"] is True and report["checkpoint"]["step"] == 100
+    assert len(polls) == 1
+    assert stack.store.get(job.job_id).status == JobStatus.CANCELLED
+
+
+def test_cancel_stops_waiting_when_the_checkpoint_command_fails(stack: Stack, cli: Cli) -> None:
+    job = stack.new_job()
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc())
+    job = stack.checkpoint(job, 100, utc(), final=False)
+    polls: list[float] = []
+
+    def agent_fails(seconds: float) -> None:
+        # What SSM reports when `trainctl checkpoint-now` exits 2 on the instance.
+        polls.append(seconds)
+        command = ssm_backends[ACCOUNT_ID][REGION]._commands[-1]
+        for invocation in command.invocations:
+            invocation["Status"] = "Failed"
+            invocation["StandardErrorContent"] = "trainctl checkpoint-now: checkpoint not durable: no agent\n"
+
+    cli.deps.sleep = agent_fails
+    result = cli("cancel", job.job_id, "--grace", "60", "--json")
+    assert result.exit_code == 0, result.stderr
+    ckpt = result.json()["checkpoint"]
+    assert (ckpt["requested"], ckpt["landed"], ckpt["step"]) == (True, False, 100)
+    assert ckpt["detail"] == (
+        "the checkpoint command ended Failed: trainctl checkpoint-now: checkpoint not durable: no agent"
+    )
+    assert len(polls) == 1  # not 30 polls of 2 s
+    assert stack.store.get(job.job_id).status == JobStatus.CANCELLED
+
+
+def test_cancel_during_a_recovery_stops_the_workflow_and_every_instance(
+    stack: Stack, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     job = stack.new_job(stack.pools("m5.large", "c5.xlarge"))
     job = stack.start_attempt(job, stack.pools("m5.large")[0], utc())
     noticed = utc()
@@ -332,8 +422,9 @@ def test_cancel_during_a_recovery_stops_the_workflow_and_every_instance(stack: S
         attempt=0,
         reason=InterruptionReason.SPOT_WARNING,
         # A short handshake: moto's StopExecution takes effect only when a task-token wait
-        # inside a Parallel ends (AWS aborts at once), so let it end soon.
-        deadline=noticed + jobs.timedelta(seconds=3),
+        # inside a Parallel ends (AWS aborts at once), so let it end soon, but not before
+        # the cancel below has run on a busy machine.
+        deadline=noticed + jobs.timedelta(seconds=8),
         noticed_at=noticed,
     )
     ResumeStarter(stack.sfn, stack.state_machine_arn).start(document)
@@ -342,13 +433,29 @@ def test_cancel_during_a_recovery_stops_the_workflow_and_every_instance(stack: S
     while len(stack.instance_states(job.job_id)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(stack.instance_states(job.job_id)) == 2
+    # A RunInstances the workflow had in flight lands right after cancel's first sweep.
+    backend = ec2_backends[ACCOUNT_ID][REGION]
+    sweep = backend.terminate_instances
+    late: list[str] = []
+
+    def first_sweep_then_a_launch_lands(instance_ids: list[str]) -> Any:
+        terminated = sweep(instance_ids)
+        # Cancel's sweep (it takes the old instance too; the workflow's own clean-up
+        # would only take its replacement).
+        if not late and job.instance_id in instance_ids:
+            late.append(stack.launch(job.job_id, 1, stack.pools("c5.xlarge")[0]))
+        return terminated
+
+    monkeypatch.setattr(backend, "terminate_instances", first_sweep_then_a_launch_lands)
 
     result = cli("cancel", job.job_id, "--json")
     assert result.exit_code == 0, result.stderr
     report = result.json()
     assert report["checkpoint"] is None  # not running: nothing to checkpoint
     assert report["stopped_executions"] == [f"{job.job_id}-0"]
-    assert len(report["terminated_instances"]) == 2
+    # The second sweep, after the stopped execution was waited for, found the late one.
+    assert report["terminated_late"] == late
+    assert len(report["terminated_instances"]) == 3 and late[0] in report["terminated_instances"]
     # AWS aborts at once; moto keeps the stopped execution waiting inside the Parallel and
     # then ends it ABORTED or FAILED. Either way it must not have relaunched the job.
     assert stack.wait_execution(f"{job.job_id}-0")["status"] in ("ABORTED", "FAILED")
@@ -373,24 +480,13 @@ def test_cancel_of_an_ended_job(stack: Stack, cli: Cli) -> None:
 # --- logs ----------------------------------------------------------------------------------------
 
 
-def put_logs(stack: Stack, stream: str, *messages: str, at: float) -> None:
-    group = "/trainctl/Trainctl/agent"
-    with contextlib.suppress(stack.logs.exceptions.ResourceAlreadyExistsException):
-        stack.logs.create_log_stream(logGroupName=group, logStreamName=stream)
-    stack.logs.put_log_events(
-        logGroupName=group,
-        logStreamName=stream,
-        logEvents=[{"timestamp": int(at * 1000) + i, "message": m} for i, m in enumerate(messages)],
-    )
-
-
 def test_logs_prints_the_agent_streams_of_a_job_and_follows(stack: Stack, cli: Cli) -> None:
     job = stack.new_job()
     job = stack.start_attempt(job, stack.pools("m5.large")[0], utc())
     now = time.time()
-    put_logs(stack, f"{job.job_id}/0/i-0aaaaaaaaaaaaaaa0", "agent started", "step 10", at=now - 60)
-    put_logs(stack, f"{job.job_id}/1/i-0bbbbbbbbbbbbbbb1", "restored step 10", at=now - 30)
-    put_logs(stack, "some-other-job/0/i-0ccccccccccccccc2", "not mine", at=now - 45)
+    stack.put_logs(f"{job.job_id}/0/i-0aaaaaaaaaaaaaaa0", "agent started", "step 10", at=now - 60)
+    stack.put_logs(f"{job.job_id}/1/i-0bbbbbbbbbbbbbbb1", "restored step 10", at=now - 30)
+    stack.put_logs("some-other-job/0/i-0ccccccccccccccc2", "not mine", at=now - 45)
 
     result = cli("logs", job.job_id)
     assert result.exit_code == 0, result.stderr
@@ -402,7 +498,7 @@ def test_logs_prints_the_agent_streams_of_a_job_and_follows(stack: Stack, cli: C
 
     # --follow: new lines appear while it polls; it stops once the job has ended.
     def agent_writes_and_finishes(seconds: float) -> None:
-        put_logs(stack, f"{job.job_id}/0/i-0aaaaaaaaaaaaaaa0", "step 20", "done", at=time.time())
+        stack.put_logs(f"{job.job_id}/0/i-0aaaaaaaaaaaaaaa0", "step 20", "done", at=time.time())
         current = stack.store.get(job.job_id)
         assert current.instance_id is not None
         stack.store.apply(jobs.mark_succeeded(current, instance_id=current.instance_id, now=utc()))
@@ -412,6 +508,41 @@ def test_logs_prints_the_agent_streams_of_a_job_and_follows(stack: Stack, cli: C
     assert followed.exit_code == 0
     messages = [li.split(" ", 2)[2] for li in followed.stdout.splitlines()]
     assert messages == ["agent started", "step 10", "restored step 10", "step 20", "done"]
+
+
+def test_logs_follow_prints_a_late_batch_from_another_stream(stack: Stack, cli: Cli) -> None:
+    # Given a recovery: the replacement (attempt 1) has logged at t-10 s, while the old
+    # instance's (attempt 0) last batch, with lines from t-30 s, has not landed yet
+    job = stack.new_job()
+    job = stack.start_attempt(job, stack.pools("m5.large")[0], utc())
+    now = time.time()
+    old, new = f"{job.job_id}/0/i-0aaaaaaaaaaaaaaa0", f"{job.job_id}/1/i-0bbbbbbbbbbbbbbb1"
+    stack.put_logs(old, "old: step 10", at=now - 60)
+    stack.put_logs(new, "new: restored step 10", at=now - 10)
+    polls: list[float] = []
+
+    def old_instance_flushes_then_job_ends(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 1:
+            # When it lands after the newer lines were printed (older timestamps)
+            stack.put_logs(old, "old: step 12", "old: final checkpoint step 12", at=now - 30)
+        elif len(polls) == 2:
+            current = stack.store.get(job.job_id)
+            assert current.instance_id is not None
+            stack.store.apply(jobs.mark_succeeded(current, instance_id=current.instance_id, now=utc()))
+
+    cli.deps.sleep = old_instance_flushes_then_job_ends
+    followed = cli("logs", job.job_id, "--follow")
+
+    # Then --follow prints it too, once, and nothing twice
+    assert followed.exit_code == 0, followed.stderr
+    messages = [li.split(" ", 2)[2] for li in followed.stdout.splitlines()]
+    assert messages == [
+        "old: step 10",
+        "new: restored step 10",
+        "old: step 12",
+        "old: final checkpoint step 12",
+    ]
 
 
 def test_logs_without_a_log_group_says_so(stack: Stack, cli: Cli) -> None:

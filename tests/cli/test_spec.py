@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,12 @@ BAD: list[tuple[dict[str, Any], str, list[str]]] = [
     ({"pools": {"instance_types": ["huge"]}}, "pools.instance_types", ["'huge'", "instance type"]),
     ({"pools": {"instance_types": ["g5.xlarge"], "subnets": ["subnet-1"]}}, "pools.subnets", ["subnet id"]),
     ({"pools": {"instance_types": []}}, "pools.instance_types", ["at least 1"]),
+    ({"pools": [{"instance_type": "huge"}]}, "pools[0].instance_type", ["'huge'", "such as g5.xlarge"]),
+    (
+        {"pools": [{"instance_type": "g5.xlarge", "subnet": "subnet-1"}]},
+        "pools[0].subnet",
+        ["'subnet-1'", "subnet id such as subnet-0abc1234"],
+    ),
     ({"pools": "g5.xlarge"}, "pools", ["instance_types", "instance_type"]),
     (
         {"pools": [{"instance_type": "g5.xlarge", "zone": "a"}]},
@@ -78,6 +86,11 @@ BAD: list[tuple[dict[str, Any], str, list[str]]] = [
     ({"limits": {"max_hourz": 3}}, "limits.max_hourz", ["did you mean 'max_hours'", "max_interruptions"]),
     ({"checkpoint": {"interval_seconds": 1}}, "checkpoint.interval_seconds", ["greater than or equal to 10"]),
     ({"checkpoint": {"retention": 0}}, "checkpoint.retention", ["greater than or equal to 1"]),
+    # Strict numbers: a boolean or a quoted number is not silently converted.
+    ({"checkpoint": {"retention": True}}, "checkpoint.retention", ["valid integer", "(got True)"]),
+    ({"checkpoint": {"interval_seconds": "300"}}, "checkpoint.interval_seconds", ["valid integer"]),
+    ({"limits": {"max_interruptions": True}}, "limits.max_interruptions", ["valid integer"]),
+    ({"limits": {"max_hours": False}}, "limits.max_hours", ["valid number"]),
     ({"env": {"1BAD": "x"}}, "env", ["'1BAD'", "variable name"]),
     ({"tags": {"trainctl:job-id": "x"}}, "tags", ["reserved"]),
     ({"comand": "python x.py"}, "comand", ["did you mean 'command'", "allowed fields"]),
@@ -97,6 +110,7 @@ def test_each_bad_field_is_named(change: dict[str, Any], field: str, words: list
     for word in words:
         assert word in message, message
     assert "\n" not in message  # one line, one problem
+    assert "pattern" not in message and "^" not in message  # words, not a raw regex
 
 
 def test_pools_checked_against_the_stack() -> None:
@@ -122,6 +136,23 @@ def test_pools_checked_against_the_stack() -> None:
     )
     with pytest.raises(SpecError, match="not a subnet of the stack"):
         foreign.to_job_spec(image=None, default_subnets=SUBNETS)
+
+
+def test_stack_checks_name_the_file_given(tmp_path: Path) -> None:
+    # Given a spec in another file than trainctl.yaml (JSON is YAML too)
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({**GOOD, "pools": [{"instance_type": "p4d.24xlarge"}]}))
+    spec = load_spec(path)
+    # When the stack refuses one of its pools, the error names that file
+    with pytest.raises(SpecError) as caught:
+        spec.to_job_spec(image=None, default_subnets=SUBNETS, allowed_instance_types=["g5.xlarge"])
+    message = str(caught.value)
+    assert message.startswith(f"{path}: field 'pools[0].instance_type': 'p4d.24xlarge' is not allowed")
+    assert caught.value.source == str(path)
+    grid = {"instance_types": ["g5.xlarge"], "subnets": ["subnet-0ccc1111"]}
+    path.write_text(json.dumps({**GOOD, "pools": grid}))
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(path))}: field 'pools.subnets'"):
+        load_spec(path).to_job_spec(image=None, default_subnets=SUBNETS)
 
 
 def test_file_problems(tmp_path: Path) -> None:

@@ -13,7 +13,10 @@
    both jobs share the image and the instance types (all Intel Xeon with AVX-512).
 4. The interrupted job's row is polled: the newest heartbeat step of the interrupted
    attempt (and its newest checkpoint) is what it trained before the loss; the first
-   heartbeat of the next attempt is when training resumed. `verdict.judge`, the code
+   heartbeat of the next attempt is when training resumed. Recovery is measured from the
+   warning itself, the EventBridge event's time that the interruption handler recorded
+   on the row (`interruptions[].noticed_at`), not from when `trainctl interrupt`
+   returned: FIS sends the warning some time after the experiment starts. `verdict.judge`, the code
    `trainctl rehearse` uses, then requires: SUCCEEDED, the final checkpoint's files equal
    to the reference's (per-file hashes from the manifests), 0 lost steps, and one
    instance per attempt (counted from the instances' EC2 tags). The resume point must be
@@ -141,8 +144,10 @@ def _instances_per_attempt(ec2: Any, job_id: str) -> Counter[int]:
 def test_spot_interruption_on_aws_passes_the_rehearsal_verdict(tmp_path: Path) -> None:
     import boto3
 
-    from trainctl.commands.stack import OUTPUT_CHECKPOINT_BUCKET
+    from trainctl.commands.stack import OUTPUT_CHECKPOINT_BUCKET, OUTPUT_JOBS_TABLE
     from trainctl_core.checkpoints import S3CheckpointStorage
+    from trainctl_core.jobs import InterruptionReason
+    from trainctl_core.store import JobStore
 
     suffix = secrets.token_hex(3)
     reference_id, job_id = f"e2e-reference-{suffix}", f"e2e-interrupted-{suffix}"
@@ -163,7 +168,6 @@ def test_spot_interruption_on_aws_passes_the_rehearsal_verdict(tmp_path: Path) -
 
         before = _wait("the job to train", 1800, trained_a_while)
         _trainctl("interrupt", job_id)
-        noticed = time.time()
         old_attempt, old_instance = int(before["attempt"]), str(before["instance_id"])
 
         # Follow the row: what the interrupted attempt trained, where and when the next resumed.
@@ -204,6 +208,14 @@ def test_spot_interruption_on_aws_passes_the_rehearsal_verdict(tmp_path: Path) -
             o["OutputKey"]: o["OutputValue"]
             for o in boto3.client("cloudformation").describe_stacks(StackName=STACK)["Stacks"][0]["Outputs"]
         }
+        # When EC2 issued the warning: the event's time, as the handler recorded it.
+        row = JobStore(boto3.client("dynamodb"), outputs[OUTPUT_JOBS_TABLE]).get(job_id)
+        interruption = row.interruption_for(old_attempt)
+        assert interruption is not None, f"no interruption of attempt {old_attempt} on the row: {row}"
+        assert interruption.reason == InterruptionReason.SPOT_WARNING, (
+            f"the loss was recorded as {interruption.reason}, not from the Spot warning"
+        )
+        noticed = interruption.noticed_at.timestamp()
         digests = {}
         for name in (reference_id, job_id):
             storage = S3CheckpointStorage(boto3.client("s3"), outputs[OUTPUT_CHECKPOINT_BUCKET], name)

@@ -1,4 +1,4 @@
-"""Synthesize the app once per session per configuration; every infra test reads from that.
+"""Synthesize the app once per test run per configuration; every infra test reads from that.
 
 Two configurations: the defaults from cdk.json (env-agnostic, dev, new VPC) and an
 explicit-env prod deployment into an existing VPC, because cdk-nag finding ids and ARNs
@@ -7,9 +7,11 @@ render differently with a concrete account/region.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,21 @@ from aws_cdk.assertions import Template
 
 from infra.app import build_app
 
+# The infra tests form one xdist group (`make test`: `-n 2 --dist loadgroup`), which sends
+# them to one worker; only this directory's tests join it, the other tiers stay spread.
+# (With pytest 9.2 the group has no effect until pytest-xdist#1386 is fixed: the synth
+# shared between workers below is what keeps a run to one synth per configuration.)
+XDIST_GROUP = "infra"
 
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A conftest hook sees the whole session's items, hence the path check.
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.infra)
+            item.add_marker(pytest.mark.xdist_group(XDIST_GROUP))
 
 
 PROD_CONTEXT: dict[str, Any] = {
@@ -107,6 +118,28 @@ class Synth:
         assert len(found) == 1, f"expected one {cfn_type}, found {sorted(found)}"
         return next(iter(found.values()))
 
+    def identity_statements(self) -> list[tuple[str, dict[str, Any]]]:
+        """(owner, statement) for every identity-policy statement in the template.
+
+        Owners are the roles (and users/groups) a policy is attached to, so a grant counts
+        for whoever really receives it: AWS::IAM::Policy and AWS::IAM::ManagedPolicy
+        documents and the inline `Policies` of roles, users and groups.
+        """
+        out: list[tuple[str, dict[str, Any]]] = []
+        for logical_id, resource in self.json["Resources"].items():
+            props = resource.get("Properties", {})
+            if resource["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"):
+                owners = [render(o) for key in ("Roles", "Users", "Groups") for o in props.get(key, [])] or [
+                    f"<unattached {logical_id}>"
+                ]
+                for statement in _as_list(props["PolicyDocument"]["Statement"]):
+                    out += [(owner, statement) for owner in owners]
+            if resource["Type"] in ("AWS::IAM::Role", "AWS::IAM::User", "AWS::IAM::Group"):
+                for policy in props.get("Policies", []):
+                    for statement in _as_list(policy["PolicyDocument"]["Statement"]):
+                        out.append((f"${{{logical_id}}}", statement))
+        return out
+
     def logical_id(self, path_fragment: str, cfn_type: str) -> str:
         """Logical id of the resource of `cfn_type` whose id contains `path_fragment`."""
         ids = [k for k in self.resources(cfn_type) if path_fragment in k]
@@ -114,18 +147,51 @@ class Synth:
         return ids[0]
 
 
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+_SYNTH_DONE = "synth-complete.json"
+
+
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock` (POSIX advisory lock; released on exit or crash)."""
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _synth(name: str, context: dict[str, Any], root: Path) -> Synth:
+    """Synthesize `context` into `root/name`, or reuse it if another worker already did."""
     outdir = root / name
-    # The built-in CloudFormation validation costs ~12 s per synth; cfn-lint covers it.
-    app, stack = build_app(context, outdir=str(outdir), cloudformation_validation=False)
-    app.synth()  # raises ValidationFailed on any unacknowledged cdk-nag finding
-    template_json = json.loads((outdir / f"{stack.stack_name}.template.json").read_text())
+    with _exclusive(root / f"{name}.lock"):
+        done = outdir / _SYNTH_DONE
+        if not done.exists():
+            # The built-in CloudFormation validation costs ~12 s per synth; cfn-lint covers it.
+            app, stack = build_app(context, outdir=str(outdir), cloudformation_validation=False)
+            app.synth()  # raises ValidationFailed on any unacknowledged cdk-nag finding
+            done.write_text(json.dumps({"template": f"{stack.stack_name}.template.json"}))
+        template_file = json.loads(done.read_text())["template"]
+    template_json = json.loads((outdir / template_file).read_text())
     return Synth(name, outdir, Template.from_json(template_json), template_json, dict(context))
 
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    yield tmp_path_factory.mktemp("cdk")
+    # Under xdist every worker has its own session (and basetemp); their parent folder is
+    # shared by the run, so the first worker's synth serves all of them. Grouping the
+    # tests alone does not: pytest-xdist's loadgroup ignores xdist_group marks on pytest
+    # 9.2 (pytest-dev/pytest-xdist#1386), spreading infra tests over every worker.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "cdk"
+        root.mkdir(exist_ok=True)
+        yield root
+    else:
+        yield tmp_path_factory.mktemp("cdk")
 
 
 @pytest.fixture(scope="session")

@@ -19,12 +19,15 @@ from trainctl_core.settings import (
     ENV_IDEMPOTENCY_TABLE,
     ENV_JOBS_TABLE,
     ENV_RESUME_STATE_MACHINE_ARN,
+    JOBS_BY_INSTANCE_INDEX,
+    JOBS_BY_INTERRUPTED_INSTANCE_INDEX,
     TAG_MANAGED,
 )
 
 # Actions that have no resource-level permissions, so "*" is the only possible resource.
 STAR_RESOURCE_ALLOWED = {
     "ecr:GetAuthorizationToken",
+    "ec2:DescribeSpotPriceHistory",
     "xray:PutTraceSegments",
     "xray:PutTelemetryRecords",
     "ec2:DescribeInstances",
@@ -41,12 +44,6 @@ STAR_RESOURCE_ALLOWED = {
     "xray:GetSamplingTargets",
     # Custom::VpcRestrictDefaultSG provider (CDK) revokes rules on the default SG by id.
 }
-
-
-# The only partial wildcards, and only in identity policies: CDK's KMS grants (e.g.
-# Topic.grant_publish on the encrypted alerts topic) name the data-key variants this way,
-# on one key's ARN. Hand-written statements and key policies name exact actions.
-CDK_KMS_GRANT_ACTIONS = {"kms:GenerateDataKey*", "kms:ReEncrypt*"}
 
 
 def _functions(synth: Any) -> dict[str, dict[str, Any]]:
@@ -126,8 +123,9 @@ def _wildcard_actions(synth: Any) -> set[tuple[str, str]]:
         if _root_key_admin(where, statement):
             continue
         for action in _as_list(statement["Action"]):
-            identity_policy = where.startswith(("AWS::IAM::Policy", "AWS::IAM::Role.Policies"))
-            if "*" in action and not (identity_policy and action in CDK_KMS_GRANT_ACTIONS):
+            # Partial wildcards too: CDK's KMS grants (e.g. Topic.grant_publish) name
+            # kms:GenerateDataKey*, so key use is written out action by action.
+            if "*" in action:
                 found.add((logical_id, action))
     return found
 
@@ -190,10 +188,128 @@ def test_handlers_runtime_layers_and_environment(any_synth: Any) -> None:
             "POWERTOOLS_METRICS_NAMESPACE",
         ):
             assert name in env, name
-        layers = json.dumps(props["Layers"])
-        assert ":017000801446:layer:AWSLambdaPowertoolsPythonV3-python311-arm64:" in layers
-        assert "AWS::Region" in layers or "eu-west-1" in layers  # region-following ARN
-        assert len(props["Layers"]) == 2
+        core, powertools = props["Layers"]
+        assert core == {"Ref": any_synth.logical_id("CoreLayer", "AWS::Lambda::LayerVersion")}
+        if any_synth.explicit_env:  # eu-west-1: the commercial account, picked at synth
+            assert powertools == (
+                "arn:aws:lambda:eu-west-1:017000801446:layer:AWSLambdaPowertoolsPythonV3-python311-arm64:27"
+            )
+        else:  # picked at deploy time from the partition and region (see the test below)
+            assert render(powertools) == (
+                "arn:${AWS::Partition}:lambda:${AWS::Region}:"
+                '<{"Fn::If": ["InCommercialPartition", "017000801446", '
+                '{"Fn::FindInMap": ["PowertoolsLayerAccounts", {"Ref": "AWS::Region"}, "Account"]}]}>'
+                ":layer:AWSLambdaPowertoolsPythonV3-python311-arm64:27"
+            )
+
+
+def _evaluate(node: Any, template: dict[str, Any], pseudo: dict[str, str]) -> Any:
+    """A template value as CloudFormation computes it for the given pseudo parameters."""
+    if isinstance(node, list):
+        return [_evaluate(n, template, pseudo) for n in node]
+    if not isinstance(node, dict):
+        return node
+    ((key, arg),) = node.items()
+    if key == "Ref":
+        return pseudo[arg]
+    if key == "Fn::Join":
+        return arg[0].join(_evaluate(part, template, pseudo) for part in arg[1])
+    if key == "Fn::Equals":
+        left, right = _evaluate(arg, template, pseudo)
+        return left == right
+    if key == "Fn::If":
+        name, then, otherwise = arg
+        chosen = then if _evaluate(template["Conditions"][name], template, pseudo) else otherwise
+        return _evaluate(chosen, template, pseudo)
+    if key == "Fn::FindInMap":
+        mapping, top, second = _evaluate(arg, template, pseudo)
+        if top not in template["Mappings"][mapping]:
+            raise LookupError(f"{mapping} has no {top}: the deploy fails")
+        return template["Mappings"][mapping][top][second]
+    raise AssertionError(f"unexpected intrinsic {key}")
+
+
+@pytest.mark.parametrize(
+    ("partition", "region", "account"),
+    [
+        # The accounts the Powertools docs list ("Lambda Layer": commercial, China, GovCloud).
+        ("aws", "us-east-1", "017000801446"),
+        ("aws", "ap-southeast-7", "017000801446"),
+        ("aws-cn", "cn-north-1", "498634801083"),
+        ("aws-us-gov", "us-gov-east-1", "165087284144"),
+        ("aws-us-gov", "us-gov-west-1", "165093116878"),
+        ("aws-cn", "cn-northwest-1", None),  # not published there: the deploy must fail
+    ],
+)
+def test_env_agnostic_powertools_layer_follows_partition_and_region(
+    default_synth: Any, partition: str, region: str, account: str | None
+) -> None:
+    (props, *_) = _functions(default_synth).values()
+    pseudo = {"AWS::Partition": partition, "AWS::Region": region}
+    layer = props["Layers"][1]
+    if account is None:
+        with pytest.raises(LookupError):
+            _evaluate(layer, default_synth.json, pseudo)
+        return
+    assert _evaluate(layer, default_synth.json, pseudo) == (
+        f"arn:{partition}:lambda:{region}:{account}:layer:AWSLambdaPowertoolsPythonV3-python311-arm64:27"
+    )
+
+
+def _layer_arn(context: dict[str, Any]) -> str:
+    """The Powertools layer ARN `powertools_layer_arn` gives a stack with this context."""
+    from aws_cdk import App, Environment, Stack
+
+    from infra.app import cdk_json_context
+    from infra.config import TrainctlConfig
+    from infra.constructs.detection import powertools_layer_arn
+
+    config = TrainctlConfig.from_context(context)
+    env = Environment(account=config.account, region=config.region) if config.account else None
+    # cdk.json's feature flags (partition literals for a known region), as the app has them.
+    stack = Stack(App(context=cdk_json_context()), "Layer", env=env)
+    return str(stack.resolve(powertools_layer_arn(stack, config)))
+
+
+@pytest.mark.parametrize(
+    ("region", "expected"),
+    [
+        ("us-gov-west-1", "arn:aws-us-gov:lambda:us-gov-west-1:165093116878:layer:"),
+        ("us-gov-east-1", "arn:aws-us-gov:lambda:us-gov-east-1:165087284144:layer:"),
+        ("cn-north-1", "arn:aws-cn:lambda:cn-north-1:498634801083:layer:"),
+        ("eu-central-2", "arn:aws:lambda:eu-central-2:017000801446:layer:"),
+    ],
+)
+def test_explicit_env_powertools_layer_is_the_published_one(region: str, expected: str) -> None:
+    context = {"trainctl:account": "123456789012", "trainctl:region": region}
+    assert _layer_arn(context) == f"{expected}AWSLambdaPowertoolsPythonV3-python311-arm64:27"
+    assert _layer_arn({**context, "trainctl:powertools_layer_version": "30"}).endswith("-arm64:30")
+
+
+def test_unpublished_region_fails_the_synth_naming_the_override() -> None:
+    from infra.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainctl:powertools_layer_arn") as raised:
+        _layer_arn({"trainctl:account": "123456789012", "trainctl:region": "cn-northwest-1"})
+    assert "cn-northwest-1" in str(raised.value)
+
+
+def test_powertools_layer_arn_override_is_used_verbatim() -> None:
+    own = "arn:aws-cn:lambda:cn-northwest-1:123456789012:layer:Powertools-python311-arm64:4"
+    context = {"trainctl:account": "123456789012", "trainctl:region": "cn-northwest-1"}
+    assert _layer_arn({**context, "trainctl:powertools_layer_arn": own}) == own
+    # Env-agnostic too: no mapping, no condition, the ARN as given.
+    assert _layer_arn({"trainctl:powertools_layer_arn": own}) == own
+
+
+def test_core_layer_matches_the_handlers_runtime_and_architecture(any_synth: Any) -> None:
+    # Lambda refuses a layer whose declared runtimes/architectures exclude the function's.
+    layer = any_synth.one("AWS::Lambda::LayerVersion")["Properties"]
+    assert layer["CompatibleRuntimes"] == ["python3.11"]
+    assert layer["CompatibleArchitectures"] == ["arm64"]
+    for props in _functions(any_synth).values():
+        assert [props["Runtime"]] == layer["CompatibleRuntimes"]
+        assert props["Architectures"] == layer["CompatibleArchitectures"]
 
 
 def test_function_asset_contains_only_the_functions_package(default_synth: Any) -> None:
@@ -259,6 +375,63 @@ def test_handlers_may_start_the_resume_workflow(any_synth: Any) -> None:
     }
     assert any("InterruptionHandler" in s for s in starters)
     assert any("InstanceStateHandler" in s for s in starters)
+
+
+def test_handlers_get_exactly_the_dynamodb_calls_they_make(any_synth: Any) -> None:
+    # JobStore.find_by_instance / find_by_interrupted_instance (Query on an index, GetItem),
+    # JobStore.apply (UpdateItem) and Powertools' DynamoDBPersistenceLayer (get/put/update/
+    # delete of one record). No Scan, PutItem or BatchWriteItem on job rows, no index/*.
+    jobs = any_synth.logical_id("JobsTable", "AWS::DynamoDB::Table")
+    records = any_synth.logical_id("IdempotencyTable", "AWS::DynamoDB::Table")
+    expected = [
+        {
+            "Sid": "ReadAndTransitionJobRows",
+            "Effect": "Allow",
+            "Action": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+            "Resource": [f"${{{jobs}.Arn}}"],
+        },
+        {
+            "Sid": "FindJobByInstance",
+            "Effect": "Allow",
+            "Action": ["dynamodb:Query"],
+            "Resource": [
+                f"${{{jobs}.Arn}}/index/{JOBS_BY_INSTANCE_INDEX}",
+                f"${{{jobs}.Arn}}/index/{JOBS_BY_INTERRUPTED_INSTANCE_INDEX}",
+            ],
+        },
+        {
+            "Sid": "IdempotencyRecords",
+            "Effect": "Allow",
+            "Action": ["dynamodb:DeleteItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"],
+            "Resource": [f"${{{records}.Arn}}"],
+        },
+    ]
+    # The indexes granted are exactly the ones the table has (the store queries both).
+    table = any_synth.resources("AWS::DynamoDB::Table")[jobs]["Properties"]
+    assert {i["IndexName"] for i in table["GlobalSecondaryIndexes"]} == {
+        JOBS_BY_INSTANCE_INDEX,
+        JOBS_BY_INTERRUPTED_INSTANCE_INDEX,
+    }
+    functions = _functions(any_synth)
+    assert len(functions) == 2
+    for props in functions.values():
+        role_id = props["Role"]["Fn::GetAtt"][0]
+        dynamodb = [
+            s
+            for s in _role_statements(any_synth, role_id)
+            if any(a.lower().startswith("dynamodb:") for a in _as_list(s["Action"]))
+        ]
+        assert _sorted_statements(dynamodb) == _sorted_statements(expected)
+
+
+def _sorted_statements(statements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for statement in statements:
+        item = render(statement)
+        for key in ("Action", "Resource"):
+            item[key] = sorted(_as_list(item[key]))
+        out.append(item)
+    return sorted(out, key=lambda s: json.dumps(s, sort_keys=True))
 
 
 def test_handlers_write_logs_to_their_own_log_group_only(any_synth: Any) -> None:
@@ -338,8 +511,64 @@ def test_alerts_topic_is_encrypted_and_tls_only(any_synth: Any) -> None:
     key = any_synth.logical_id("AlertsKey", "AWS::KMS::Key")
     assert topic["KmsMasterKeyId"] == {"Fn::GetAtt": [key, "Arn"]}
     assert any_synth.resources("AWS::KMS::Key")[key]["Properties"]["EnableKeyRotation"] is True
-    policy = any_synth.one("AWS::SNS::TopicPolicy")["Properties"]["PolicyDocument"]["Statement"]
-    assert any(s["Effect"] == "Deny" and "aws:SecureTransport" in json.dumps(s) for s in policy)
+    policy = any_synth.one("AWS::SNS::TopicPolicy")["Properties"]
+    topic_id = any_synth.logical_id("AlertsTopic", "AWS::SNS::Topic")
+    assert policy["Topics"] == [{"Ref": topic_id}]
+    # The whole policy: TLS only for everyone, and CloudWatch alarms of this account and
+    # region may publish. The topic policy replaces SNS's default one, so without the
+    # second statement every alarm notification would be refused.
+    assert render(policy["PolicyDocument"]) == {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "AllowPublishThroughSSLOnly",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "sns:Publish",
+                "Resource": f"${{{topic_id}}}",
+                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+            },
+            {
+                "Sid": "CloudWatchAlarmsPublish",
+                "Effect": "Allow",
+                "Principal": {"Service": "cloudwatch.amazonaws.com"},
+                "Action": "sns:Publish",
+                "Resource": f"${{{topic_id}}}",
+                "Condition": {
+                    "StringEquals": {"aws:SourceAccount": any_synth.account},
+                    "ArnLike": {"aws:SourceArn": any_synth.arn("cloudwatch", "alarm:*")},
+                },
+            },
+        ],
+    }
+
+
+def test_every_alarm_action_can_publish_to_its_topic(any_synth: Any) -> None:
+    # Walks alarm -> action -> topic -> topic policy and key policy, so an alarm wired to a
+    # topic CloudWatch may not publish to (or whose key it may not use) fails here.
+    topic_id = any_synth.logical_id("AlertsTopic", "AWS::SNS::Topic")
+    topic = any_synth.resources("AWS::SNS::Topic")[topic_id]["Properties"]
+    key_id = topic["KmsMasterKeyId"]["Fn::GetAtt"][0]
+    actions = [
+        a
+        for alarm in any_synth.resources("AWS::CloudWatch::Alarm").values()
+        for a in alarm["Properties"]["AlarmActions"]
+    ]
+    assert actions and set(map(json.dumps, actions)) == {json.dumps({"Ref": topic_id})}
+
+    def allows_cloudwatch(statements: list[dict[str, Any]], action: str) -> bool:
+        return any(
+            s["Effect"] == "Allow"
+            and s.get("Principal") == {"Service": "cloudwatch.amazonaws.com"}
+            and action in _as_list(s["Action"])
+            for s in statements
+        )
+
+    topic_policy = any_synth.one("AWS::SNS::TopicPolicy")["Properties"]["PolicyDocument"]["Statement"]
+    key_policy = any_synth.resources("AWS::KMS::Key")[key_id]["Properties"]["KeyPolicy"]["Statement"]
+    assert allows_cloudwatch(topic_policy, "sns:Publish")
+    assert allows_cloudwatch(key_policy, "kms:GenerateDataKey")
+    assert allows_cloudwatch(key_policy, "kms:Decrypt")
 
 
 def test_alert_email_is_optional(default_synth: Any, prod_synth: Any) -> None:
@@ -355,6 +584,7 @@ def test_alert_email_is_optional(default_synth: Any, prod_synth: Any) -> None:
         ("ApproximateNumberOfMessagesVisible", "AWS/SQS"),
         ("Errors", "AWS/Lambda"),
         ("ExecutionsFailed", "AWS/States"),
+        ("ExecutionsTimedOut", "AWS/States"),
         ("JobsFailed", "trainctl"),
     ],
 )
@@ -531,7 +761,7 @@ def test_dashboard_widgets_show_their_metrics(any_synth: Any) -> None:
         ],
         "Resume workflow executions": [
             ("AWS/States", f"Executions{what}", (("StateMachineArn", machine),), "Sum")
-            for what in ("Started", "Succeeded", "Failed")
+            for what in ("Started", "Succeeded", "Failed", "TimedOut")
         ],
     }
     widgets = _dashboard(any_synth)["widgets"]
@@ -557,6 +787,33 @@ def test_dashboard_says_where_savings_come_from(any_synth: Any) -> None:
 def test_jobs_failed_alarm_reads_the_agent_metric(any_synth: Any) -> None:
     (refs,) = [refs for lid, refs in _alarm_metrics(any_synth).items() if "JobsFailed" in lid]
     assert refs == [("trainctl", "JobsFailed", (), "Sum")]
+
+
+def test_resume_executions_alarm_on_failure_and_on_timeout(any_synth: Any) -> None:
+    # A recovery that hits the state machine's timeout never fails (no Catch runs), so
+    # ExecutionsFailed alone would miss it: the timeout alarm is its backstop.
+    machine = f"${{{any_synth.logical_id('ResumeStateMachine', 'AWS::StepFunctions::StateMachine')}}}"
+    by_metric = {
+        refs[0][1]: render(any_synth.resources("AWS::CloudWatch::Alarm")[lid]["Properties"])
+        for lid, refs in _alarm_metrics(any_synth).items()
+        if refs[0][0] == "AWS/States"
+    }
+    assert set(by_metric) == {"ExecutionsFailed", "ExecutionsTimedOut"}
+    for alarm in by_metric.values():
+        assert alarm["Dimensions"] == [{"Name": "StateMachineArn", "Value": machine}]
+        assert alarm["Statistic"] == "Sum" and alarm["Period"] == 300
+        assert alarm["Threshold"] == 1 and alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+        assert alarm["EvaluationPeriods"] == 1
+
+
+def test_guard_alarm_covers_every_alarm(any_synth: Any) -> None:
+    # The FIS stop condition: any trainctl alarm in ALARM stops the experiment.
+    (composite,) = any_synth.resources("AWS::CloudWatch::CompositeAlarm").values()
+    rule = render(composite["Properties"]["AlarmRule"])
+    named = re.findall(r'ALARM\("\$\{([A-Za-z0-9]+)\.Arn\}"\)', rule)
+    assert sorted(named) == sorted(any_synth.resources("AWS::CloudWatch::Alarm"))
+    # Any one of them, not all at once.
+    assert rule == "(" + " OR ".join(f'ALARM("${{{lid}.Arn}}")' for lid in named) + ")"
 
 
 # --- game day --------------------------------------------------------------------------
@@ -588,6 +845,55 @@ def test_fis_interrupts_one_tagged_spot_instance_and_stops_on_alarm(any_synth: A
             "StopConditions": [{"Source": "aws:cloudwatch:alarm", "Value": {"Fn::GetAtt": [guard, "Arn"]}}],
         },
     )
-    statements = [s for lid, s in _all_statements(any_synth) if "ExperimentRole" in lid]
-    interrupt = next(s for s in statements if s["Action"] == "ec2:SendSpotInstanceInterruptions")
-    assert interrupt["Condition"] == {"StringEquals": {f"aws:ResourceTag/{TAG_MANAGED}": "true"}}
+
+
+def test_fis_role_is_trusted_by_fis_of_this_account_and_interrupts_tagged_instances_only(
+    any_synth: Any,
+) -> None:
+    role_id = any_synth.logical_id("ExperimentRole", "AWS::IAM::Role")
+    template = any_synth.one("AWS::FIS::ExperimentTemplate")["Properties"]
+    assert template["RoleArn"] == {"Fn::GetAtt": [role_id, "Arn"]}
+    role = any_synth.resources("AWS::IAM::Role")[role_id]["Properties"]
+    # Only FIS acting for this account may assume it (confused-deputy guard).
+    assert render(role["AssumeRolePolicyDocument"]) == {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": "fis.amazonaws.com"},
+                "Action": "sts:AssumeRole",
+                "Condition": {"StringEquals": {"aws:SourceAccount": any_synth.account}},
+            }
+        ],
+    }
+    assert "ManagedPolicyArns" not in role and "Policies" not in role
+    # Everything the role may do: interrupt tagged instances, and resolve targets (a read
+    # without resource-level permissions).
+    assert render(_role_statements(any_synth, role_id)) == [
+        {
+            "Sid": "InterruptTrainctlInstancesOnly",
+            "Effect": "Allow",
+            "Action": "ec2:SendSpotInstanceInterruptions",
+            "Resource": any_synth.arn("ec2", "instance/*"),
+            "Condition": {"StringEquals": {f"aws:ResourceTag/{TAG_MANAGED}": "true"}},
+        },
+        {"Sid": "ResolveTargets", "Effect": "Allow", "Action": "ec2:DescribeInstances", "Resource": "*"},
+    ]
+
+
+def test_gameday_can_be_left_out_where_fis_does_not_exist(tmp_path: Any) -> None:
+    from infra.app import build_app
+    from infra.stack import OUTPUT_FIS_TEMPLATE
+
+    # Given a deployment to a region without AWS FIS (the China regions, for one)
+    app, stack = build_app(
+        {"trainctl:gameday": "false"}, outdir=str(tmp_path), cloudformation_validation=False
+    )
+    app.synth()  # still nag-clean
+    template = json.loads((tmp_path / f"{stack.stack_name}.template.json").read_text())
+    types = {r["Type"] for r in template["Resources"].values()}
+    # Then nothing of the game day is deployed, and the rest is
+    assert "AWS::FIS::ExperimentTemplate" not in types
+    assert not [k for k in template["Resources"] if k.startswith("GameDay")]
+    assert OUTPUT_FIS_TEMPLATE not in template["Outputs"]
+    assert {"AWS::CloudWatch::CompositeAlarm", "AWS::StepFunctions::StateMachine"} <= types

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -11,6 +12,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
+from aws_cdk.assertions import Match
 
 from infra.stack import (
     OUTPUT_AGENT_LOG_GROUP,
@@ -30,7 +34,7 @@ from trainctl_core.settings import (
     IDEMPOTENCY_PARTITION_KEY,
     IDEMPOTENCY_TTL_ATTRIBUTE,
     JOBS_BY_INSTANCE_INDEX,
-    JOBS_INSTANCE_ATTRIBUTE,
+    JOBS_BY_INTERRUPTED_INSTANCE_INDEX,
     JOBS_PARTITION_KEY,
     SSM_PARAM_DEADLINE,
     SSM_PARAM_JOB_ID,
@@ -38,6 +42,7 @@ from trainctl_core.settings import (
     TAG_JOB_ID,
     TAG_MANAGED,
 )
+from trainctl_core.tables import jobs_table_request
 
 PROD_SUBNETS = tuple(PROD_CONTEXT["trainctl:subnet_ids"].split(","))
 
@@ -60,34 +65,45 @@ def _by_sid(statements: list[dict[str, Any]], sid: str) -> dict[str, Any]:
 
 
 def test_jobs_table_schema_matches_core_settings(any_synth: Any) -> None:
+    # The tables tests and benchmarks create in moto (trainctl_core.tables) are the
+    # deployed ones: same keys, same lookup indexes, keys-only projections.
+    request = jobs_table_request("unused")
     any_synth.template.has_resource_properties(
         "AWS::DynamoDB::Table",
         {
-            "KeySchema": [{"AttributeName": JOBS_PARTITION_KEY, "KeyType": "HASH"}],
+            "KeySchema": request["KeySchema"],
+            "AttributeDefinitions": Match.array_equals(request["AttributeDefinitions"]),
             "BillingMode": "PAY_PER_REQUEST",
             "PointInTimeRecoverySpecification": {"PointInTimeRecoveryEnabled": True},
             "SSESpecification": {"SSEEnabled": True},
-            "GlobalSecondaryIndexes": [
-                {
-                    "IndexName": JOBS_BY_INSTANCE_INDEX,
-                    "KeySchema": [{"AttributeName": JOBS_INSTANCE_ATTRIBUTE, "KeyType": "HASH"}],
-                    # Keys only: the store re-reads the row consistently after the index hit,
-                    # and ALL would copy every heartbeat write of the row into the index.
-                    "Projection": {"ProjectionType": "KEYS_ONLY"},
-                }
-            ],
+            # Keys only: the store re-reads the row consistently after the index hit,
+            # and ALL would copy every heartbeat write of the row into the indexes.
+            "GlobalSecondaryIndexes": Match.array_equals(request["GlobalSecondaryIndexes"]),
         },
     )
+    assert {i["IndexName"] for i in request["GlobalSecondaryIndexes"]} == {
+        JOBS_BY_INSTANCE_INDEX,
+        JOBS_BY_INTERRUPTED_INSTANCE_INDEX,
+    }
+    assert all(i["Projection"] == {"ProjectionType": "KEYS_ONLY"} for i in request["GlobalSecondaryIndexes"])
 
 
 def test_idempotency_table_expires_records(any_synth: Any) -> None:
-    any_synth.template.has_resource_properties(
-        "AWS::DynamoDB::Table",
-        {
-            "KeySchema": [{"AttributeName": IDEMPOTENCY_PARTITION_KEY, "KeyType": "HASH"}],
-            "TimeToLiveSpecification": {"AttributeName": IDEMPOTENCY_TTL_ATTRIBUTE, "Enabled": True},
-        },
-    )
+    # Powertools' schema (string key `id`, TTL on `expiration`), billed per request, backed
+    # up and encrypted like the jobs table; always deleted with the stack (short-lived).
+    table = any_synth.resources("AWS::DynamoDB::Table")[
+        any_synth.logical_id("IdempotencyTable", "AWS::DynamoDB::Table")
+    ]
+    assert table["Properties"] == {
+        "KeySchema": [{"AttributeName": IDEMPOTENCY_PARTITION_KEY, "KeyType": "HASH"}],
+        "AttributeDefinitions": [{"AttributeName": IDEMPOTENCY_PARTITION_KEY, "AttributeType": "S"}],
+        "TimeToLiveSpecification": {"AttributeName": IDEMPOTENCY_TTL_ATTRIBUTE, "Enabled": True},
+        "BillingMode": "PAY_PER_REQUEST",
+        "PointInTimeRecoverySpecification": {"PointInTimeRecoveryEnabled": True},
+        "SSESpecification": {"SSEEnabled": True},
+        "Tags": [{"Key": "project", "Value": "trainctl"}],
+    }
+    assert table["DeletionPolicy"] == "Delete"
 
 
 def _checkpoint_bucket(synth: Any) -> dict[str, Any]:
@@ -158,20 +174,134 @@ def test_checkpoint_expiry_by_age_is_opt_in() -> None:
 
 
 def test_buckets_deny_plain_http(any_synth: Any) -> None:
+    # The whole TLS statement, as the first of each bucket's policy: a narrower action, a
+    # principal other than everyone, or the objects left out would all let plain HTTP in.
+    buckets = any_synth.resources("AWS::S3::Bucket")
     policies = any_synth.resources("AWS::S3::BucketPolicy")
-    assert len(policies) == len(any_synth.resources("AWS::S3::Bucket")) == 2
+    assert len(policies) == len(buckets) == 2
+    covered = set()
     for policy in policies.values():
-        assert any(
-            s["Effect"] == "Deny" and s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
-            for s in policy["Properties"]["PolicyDocument"]["Statement"]
-        )
+        (bucket,) = [k for k in buckets if policy["Properties"]["Bucket"] == {"Ref": k}]
+        covered.add(bucket)
+        statements = policy["Properties"]["PolicyDocument"]["Statement"]
+        assert render(statements[0]) == {
+            "Effect": "Deny",
+            "Principal": {"AWS": "*"},
+            "Action": "s3:*",
+            "Resource": [f"${{{bucket}.Arn}}", f"${{{bucket}.Arn}}/*"],
+            "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+        }
+        # Nothing else in a bucket policy may allow anyone but S3's own log delivery.
+        for other in statements[1:]:
+            assert other["Effect"] == "Allow" and other["Principal"] == {
+                "Service": "logging.s3.amazonaws.com"
+            }
+    assert covered == set(buckets)
+
+
+def test_access_log_delivery_is_limited_to_the_checkpoint_bucket(any_synth: Any) -> None:
+    logs_bucket = any_synth.logical_id("AccessLogsBucket", "AWS::S3::Bucket")
+    checkpoints = any_synth.logical_id("CheckpointBucket", "AWS::S3::Bucket")
+    (policy,) = [
+        p
+        for p in any_synth.resources("AWS::S3::BucketPolicy").values()
+        if p["Properties"]["Bucket"] == {"Ref": logs_bucket}
+    ]
+    delivery = render(policy["Properties"]["PolicyDocument"]["Statement"][1:])
+    assert delivery == [
+        {
+            "Effect": "Allow",
+            "Principal": {"Service": "logging.s3.amazonaws.com"},
+            "Action": "s3:PutObject",
+            "Resource": f"${{{logs_bucket}.Arn}}/checkpoint-bucket/*",
+            "Condition": {
+                "ArnLike": {"aws:SourceArn": f"${{{checkpoints}.Arn}}"},
+                "StringEquals": {"aws:SourceAccount": any_synth.account},
+            },
+        }
+    ]
+
+
+def test_access_log_bucket_is_private_encrypted_and_expires_logs(any_synth: Any) -> None:
+    logs_bucket = any_synth.logical_id("AccessLogsBucket", "AWS::S3::Bucket")
+    bucket = any_synth.resources("AWS::S3::Bucket")[logs_bucket]["Properties"]
+    assert bucket["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True,
+        "BlockPublicPolicy": True,
+        "IgnorePublicAcls": True,
+        "RestrictPublicBuckets": True,
+    }
+    # SSE-S3: server access logging delivers to SSE-S3 buckets only.
+    assert bucket["BucketEncryption"] == {
+        "ServerSideEncryptionConfiguration": [{"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+    }
+    assert bucket["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+    assert bucket["LifecycleConfiguration"] == {
+        "Rules": [{"Id": "expire-access-logs", "ExpirationInDays": 90, "Status": "Enabled"}]
+    }
+    # And the checkpoint bucket logs into it, under its own prefix.
+    assert _checkpoint_bucket(any_synth)["LoggingConfiguration"] == {
+        "DestinationBucketName": {"Ref": logs_bucket},
+        "LogFilePrefix": "checkpoint-bucket/",
+    }
+
+
+def _ecr_rules(max_images: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "rulePriority": 1,
+            "description": "Drop untagged layers after a day",
+            "selection": {
+                "tagStatus": "untagged",
+                "countType": "sinceImagePushed",
+                "countNumber": 1,
+                "countUnit": "days",
+            },
+            "action": {"type": "expire"},
+        },
+        {
+            "rulePriority": 2,
+            "description": "Keep the newest images only",
+            "selection": {"tagStatus": "any", "countType": "imageCountMoreThan", "countNumber": max_images},
+            "action": {"type": "expire"},
+        },
+    ]
 
 
 def test_ecr_repository_scans_and_has_lifecycle(any_synth: Any) -> None:
     repo = any_synth.one("AWS::ECR::Repository")["Properties"]
     assert repo["ImageScanningConfiguration"] == {"ScanOnPush": True}
     assert repo["ImageTagMutability"] == "IMMUTABLE"
-    assert len(repo["LifecyclePolicy"]["LifecyclePolicyText"]) > 0
+    assert json.loads(repo["LifecyclePolicy"]["LifecyclePolicyText"]) == {"rules": _ecr_rules(20)}
+
+
+@pytest.mark.parametrize(
+    ("immutable", "max_images", "mutability"), [("true", "5", "IMMUTABLE"), ("false", "300", "MUTABLE")]
+)
+def test_ecr_tag_mutability_and_image_count_follow_the_config(
+    immutable: str, max_images: str, mutability: str
+) -> None:
+    from aws_cdk import App, Stack
+    from aws_cdk.assertions import Template
+
+    from infra.app import cdk_json_context
+    from infra.config import TrainctlConfig
+    from infra.constructs.storage import Storage
+
+    config = TrainctlConfig.from_context(
+        {"trainctl:ecr_immutable_tags": immutable, "trainctl:ecr_max_images": max_images}
+    )
+    stack = Stack(App(context=cdk_json_context()), "Images")
+    Storage(stack, "Storage", config=config)
+    (repo,) = [
+        r["Properties"]
+        for r in Template.from_stack(stack).to_json()["Resources"].values()
+        if r["Type"] == "AWS::ECR::Repository"
+    ]
+    assert repo["ImageTagMutability"] == mutability
+    assert json.loads(repo["LifecyclePolicy"]["LifecyclePolicyText"]) == {
+        "rules": _ecr_rules(int(max_images))
+    }
 
 
 def test_stage_drives_removal_policy(default_synth: Any, prod_synth: Any) -> None:
@@ -315,6 +445,13 @@ def test_instance_role_least_privilege(any_synth: Any) -> None:
         },
         # No resource-level permissions exist for the registry login token.
         {"Effect": "Allow", "Action": ["ecr:GetAuthorizationToken"], "Resource": ["*"]},
+        # Nor for Spot price history (the agent's budget accrual): public prices, read only.
+        {
+            "Sid": "SpotPricesForBudget",
+            "Effect": "Allow",
+            "Action": ["ec2:DescribeSpotPriceHistory"],
+            "Resource": ["*"],
+        },
         {
             "Sid": "CreateAgentLogStreams",
             "Effect": "Allow",
@@ -360,13 +497,38 @@ def _workflow_statements(synth: Any) -> list[dict[str, Any]]:
     return _statements(synth, "ResumeStateMachineRoleDefaultPolicy")
 
 
+_LAUNCH_ACTIONS = ("ec2:RunInstances", "ec2:CreateTags", "iam:PassRole")
+
+
+def _grants_any(statement: dict[str, Any], actions: tuple[str, ...]) -> bool:
+    """Whether an Allow statement grants one of `actions` (IAM matches case-insensitively,
+    with `*`/`?` wildcards; a NotAction grants everything it does not name)."""
+    if statement["Effect"] != "Allow":
+        return False
+    if "NotAction" in statement:
+        excluded = [a.lower() for a in _as_list(statement["NotAction"])]
+        return any(not any(fnmatch.fnmatchcase(a.lower(), x) for x in excluded) for a in actions)
+    patterns = [a.lower() for a in _as_list(statement["Action"])]
+    return any(fnmatch.fnmatchcase(a.lower(), p) for a in actions for p in patterns)
+
+
+def test_launch_grant_check_sees_every_kind_of_identity_policy() -> None:
+    # The matcher behind the test below: wildcards, case and NotAction all count.
+    assert _grants_any({"Effect": "Allow", "Action": "ec2:Run*"}, _LAUNCH_ACTIONS)
+    assert _grants_any({"Effect": "Allow", "Action": ["IAM:passrole"]}, _LAUNCH_ACTIONS)
+    assert _grants_any({"Effect": "Allow", "NotAction": "s3:*"}, _LAUNCH_ACTIONS)
+    assert not _grants_any({"Effect": "Deny", "Action": "ec2:RunInstances"}, _LAUNCH_ACTIONS)
+    assert not _grants_any({"Effect": "Allow", "Action": "ec2:DescribeInstances"}, _LAUNCH_ACTIONS)
+
+
 def test_workflow_may_launch_only_from_our_template(any_synth: Any) -> None:
-    # Every RunInstances / CreateTags / PassRole statement the workflow has, in full: IAM
-    # allows the union of statements, so a second, looser one anywhere would widen these.
-    launch_actions = {"ec2:RunInstances", "ec2:CreateTags", "iam:PassRole"}
-    statements = _normalised(
-        [s for s in _workflow_statements(any_synth) if launch_actions & set(_as_list(s["Action"]))]
-    )
+    # Every RunInstances / CreateTags / PassRole grant anywhere in the template (any role's
+    # policies, managed or inline), in full: IAM allows the union of statements, so a
+    # second, looser one in another policy or on another role would widen these.
+    grants = [(owner, s) for owner, s in any_synth.identity_statements() if _grants_any(s, _LAUNCH_ACTIONS)]
+    role = any_synth.logical_id("ResumeStateMachineRole", "AWS::IAM::Role")
+    assert {owner for owner, _ in grants} == {f"${{{role}}}"}
+    statements = _normalised([s for _, s in grants])
     template = any_synth.arn(
         "ec2", f"launch-template/${{{any_synth.logical_id('LaunchTemplate', 'AWS::EC2::LaunchTemplate')}}}"
     )
@@ -694,10 +856,11 @@ esac
 _PACKAGES = {
     "python3.11": """echo "python3.11 $*" >> "$LOG"
 if [ "$1 $2" = "-m venv" ]; then
-  mkdir -p "$3/bin"
+  venv="${@: -1}"
+  mkdir -p "$venv/bin"
   for tool in pip trainctl; do
-    printf '#!/bin/bash\\necho "%s $*" >> "$LOG"\\n' "$tool" > "$3/bin/$tool"
-    chmod +x "$3/bin/$tool"
+    printf '#!/bin/bash\\necho "%s $*" >> "$LOG"\\n' "$tool" > "$venv/bin/$tool"
+    chmod +x "$venv/bin/$tool"
   done
   exit 0
 fi

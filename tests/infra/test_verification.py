@@ -18,6 +18,7 @@ from moto.events.models import EventPattern
 from infra.app import build_app
 from infra.config import ConfigError, Removal, Stage, TrainctlConfig
 from infra.packaging import REPO_ROOT
+from tests.infra.conftest import PROD_CONTEXT
 
 EVENTS = REPO_ROOT / "tests" / "events"
 
@@ -65,6 +66,68 @@ def test_cfn_lint_is_clean(default_synth: Any, prod_synth: Any) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("region", "partition", "extra"),
+    [
+        # AWS FIS does not exist in the China regions: the game day is switched off there.
+        ("cn-north-1", "aws-cn", {"trainctl:gameday": "false"}),
+        ("us-gov-west-1", "aws-us-gov", {}),
+    ],
+)
+def test_other_partitions_synthesize_nag_and_cfn_lint_clean(
+    tmp_path: Path, region: str, partition: str, extra: dict[str, str]
+) -> None:
+    # cdk.json targets these partitions: the ARNs, the cdk-nag acknowledgements built from
+    # them and the Powertools layer must all hold there too, not only in `aws`.
+    # An existing VPC, as in the prod fixture: a new one would need an AZ lookup here.
+    network = {k: v for k, v in PROD_CONTEXT.items() if k in ("trainctl:vpc_id", "trainctl:subnet_ids")}
+    context = {"trainctl:account": "123456789012", "trainctl:region": region, **network, **extra}
+    app, stack = build_app(context, outdir=str(tmp_path), cloudformation_validation=False)
+    app.synth()  # raises ValidationFailed on any unacknowledged finding
+    path = tmp_path / f"{stack.stack_name}.template.json"
+    template = json.loads(path.read_text())
+    # (The state machine definition is the ASL's; see the test below.)
+    resources = dict(template["Resources"])
+    del resources[_logical_id(template, "AWS::StepFunctions::StateMachine")]
+    text = json.dumps({**template, "Resources": resources})
+    assert f"arn:{partition}:" in text and "arn:aws:" not in text
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "cfn-lint"),
+            "--regions",
+            region,
+            "--ignore-checks",
+            CFN_LINT_IGNORED,
+            "--",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _logical_id(template: dict[str, Any], cfn_type: str) -> str:
+    (found,) = [k for k, r in template["Resources"].items() if r["Type"] == cfn_type]
+    return found
+
+
+def test_resume_definition_uses_the_stacks_partition(tmp_path: Path) -> None:
+    context = {"trainctl:account": "123456789012", "trainctl:region": "us-gov-west-1"}
+    app, stack = build_app(context, outdir=str(tmp_path), cloudformation_validation=False)
+    app.synth()
+    template = json.loads((tmp_path / f"{stack.stack_name}.template.json").read_text())
+    machine = template["Resources"][_logical_id(template, "AWS::StepFunctions::StateMachine")]
+    definition = json.dumps(machine["Properties"]["DefinitionString"])
+    # Step Functions refuses an integration ARN of another partition than the execution's
+    # ("The resource belongs to a different partition"): they name the stack's partition.
+    assert "arn:aws:" not in definition
+    assert "arn:${Partition}:states:::" in definition
+    partition = machine["Properties"]["DefinitionSubstitutions"]["Partition"]
+    assert partition in ({"Ref": "AWS::Partition"}, "aws-us-gov")
 
 
 # --- event patterns vs real events -----------------------------------------------------
@@ -153,9 +216,42 @@ def test_config_parses_cli_strings() -> None:
     assert config.removal_policy is Removal.RETAIN and config.account == "123456789012"
 
 
+def test_config_takes_a_powertools_layer_arn_and_the_gameday_switch() -> None:
+    arn = "arn:aws-cn:lambda:cn-northwest-1:123456789012:layer:Powertools-python311-arm64:3"
+    config = TrainctlConfig.from_context(
+        {
+            "trainctl:powertools_layer_arn": arn,
+            "trainctl:gameday": "false",
+            "trainctl:account": "123456789012",
+            "trainctl:region": "cn-northwest-1",
+        }
+    )
+    assert config.powertools_layer_arn == arn and config.gameday is False
+    assert TrainctlConfig.from_context({}).gameday is True
+
+
 @pytest.mark.parametrize(
     ("context", "message"),
     [
+        (
+            {"trainctl:powertools_layer_arn": "AWSLambdaPowertoolsPythonV3:27"},
+            "trainctl:powertools_layer_arn",
+        ),
+        (
+            {
+                "trainctl:powertools_layer_arn": "arn:aws:lambda:eu-west-1:017000801446:layer:P:27",
+                "trainctl:powertools_layer_version": "27",
+            },
+            "not both",
+        ),
+        (
+            {
+                "trainctl:powertools_layer_arn": "arn:aws:lambda:eu-west-1:017000801446:layer:P:27",
+                "trainctl:account": "123456789012",
+                "trainctl:region": "us-east-1",
+            },
+            "function's region",
+        ),
         ({"trainctl:stage": "staging"}, "trainctl:stage"),
         ({"trainctl:alert_email": "not-an-email"}, "trainctl:alert_email"),
         ({"trainctl:log_retention_days": "31"}, "trainctl:log_retention_days"),
@@ -240,3 +336,35 @@ def test_docs_count_the_resources_that_bill_at_idle(default_synth: Any) -> None:
     monthly = counts["AWS::KMS::Key"] * 1.0 + counts["AWS::CloudWatch::Alarm"] * 0.10 + composite * 0.50
     assert f"about ${round(monthly)} a month" in readme
     assert f"about ${round(monthly)} a month" in " ".join(deploy.split())
+
+
+# --- the test session ------------------------------------------------------------------
+
+
+def test_infra_tests_share_one_xdist_group_and_nothing_else_joins_it(request: pytest.FixtureRequest) -> None:
+    # `make test` (-n 2 --dist loadgroup) sends a group to one worker: every infra test in
+    # it means the session fixtures synthesize once, and no other tier is serialised.
+    here = Path(__file__).parent
+    for item in request.session.items:
+        groups = [m.args for m in item.iter_markers("xdist_group")]
+        if here in Path(str(item.fspath)).parents:
+            assert groups == [("infra",)], item.nodeid
+        else:
+            assert ("infra",) not in groups, item.nodeid
+    assert request.node.get_closest_marker("xdist_group") is not None
+
+
+def test_a_second_worker_reuses_the_synth_instead_of_repeating_it(
+    default_synth: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tests.infra.conftest as infra_conftest
+
+    # Given the run's synth already done (by this worker or another)
+    def no_second_synth(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("synthesized again")
+
+    monkeypatch.setattr(infra_conftest, "build_app", no_second_synth)
+    # When another worker asks for the same configuration, it reads the same output
+    again = infra_conftest._synth("default", {}, default_synth.outdir.parent)
+    assert again.outdir == default_synth.outdir
+    assert again.json == default_synth.json

@@ -16,6 +16,7 @@ from moto import mock_aws
 
 from trainctl_core import clients, jobs, settings
 from trainctl_core.store import JobStore
+from trainctl_core.tables import idempotency_table_request, jobs_table_request
 
 INSTANCE = "i-1234567890abcdef0"
 JOB_ID = "llama-finetune"
@@ -104,28 +105,8 @@ class Env:
 
 
 def create_tables(ddb: Any, jobs_table: str, idempotency_table: str) -> None:
-    ddb.create_table(
-        TableName=jobs_table,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[
-            {"AttributeName": settings.JOBS_PARTITION_KEY, "AttributeType": "S"},
-            {"AttributeName": settings.JOBS_INSTANCE_ATTRIBUTE, "AttributeType": "S"},
-        ],
-        KeySchema=[{"AttributeName": settings.JOBS_PARTITION_KEY, "KeyType": "HASH"}],
-        GlobalSecondaryIndexes=[
-            {
-                "IndexName": settings.JOBS_BY_INSTANCE_INDEX,
-                "KeySchema": [{"AttributeName": settings.JOBS_INSTANCE_ATTRIBUTE, "KeyType": "HASH"}],
-                "Projection": {"ProjectionType": "KEYS_ONLY"},
-            }
-        ],
-    )
-    ddb.create_table(
-        TableName=idempotency_table,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[{"AttributeName": settings.IDEMPOTENCY_PARTITION_KEY, "AttributeType": "S"}],
-        KeySchema=[{"AttributeName": settings.IDEMPOTENCY_PARTITION_KEY, "KeyType": "HASH"}],
-    )
+    ddb.create_table(**jobs_table_request(jobs_table))
+    ddb.create_table(**idempotency_table_request(idempotency_table))
 
 
 @pytest.fixture

@@ -59,7 +59,30 @@ def test_warning_checkpoints_records_and_starts_one_resume(env, interruption, co
     assert document["reason"] == "spot-warning"
     assert document["instance_id"] == env.instance_id
     assert document["deadline"] == "2026-12-03T12:02:00.000Z"
-    assert document["handshake_timeout_seconds"] >= 1
+    # (That sample's notice ran out long ago: the handshake still gets its minimum.)
+    assert document["handshake_timeout_seconds"] == 1
+
+
+def test_the_handshake_waits_for_what_is_left_of_the_notice(env, interruption, context, event_loader):
+    # Given a warning EC2 sent 5 s ago (its deadline is 115 s away)
+    from datetime import datetime, timedelta
+
+    env.add_job()
+    event = event_loader("spot_interruption_warning", time=recent(5))
+
+    deliver(interruption, event, context)
+
+    # Then the row says when EC2 noticed and when trainctl recorded it, and the workflow
+    # waits for the final checkpoint exactly as long as the notice lasts from then on
+    [record] = env.store.get(env.job_id).interruptions
+    noticed = datetime.fromisoformat(event["time"])
+    assert record.noticed_at == noticed
+    assert record.deadline == noticed + timedelta(seconds=120)
+    assert record.recorded_at is not None and record.recorded_at >= noticed
+    document = env.execution_input(f"{env.job_id}-0")
+    left = record.deadline - record.recorded_at
+    assert document["handshake_timeout_seconds"] == int(left.total_seconds())
+    assert 0 < document["handshake_timeout_seconds"] <= 115
 
 
 def test_same_warning_delivered_three_times_acts_once(env, interruption, context, event_loader):
@@ -355,7 +378,7 @@ def test_malformed_state_change_raises(env, instance_state, context, event_loade
     event = event_loader("instance_state_terminated")
     event["detail"]["state"] = "vanished"
 
-    with pytest.raises(Exception, match="malformed"):
+    with pytest.raises(MalformedEvent):
         deliver(instance_state, event, context)
 
 
@@ -384,8 +407,8 @@ def test_warning_and_state_change_for_one_loss_act_once(
     assert env.execution_input(f"{env.job_id}-0")["reason"] == expected
 
 
-def test_late_event_about_a_replaced_instance_is_ignored(
-    env, interruption, instance_state, context, event_loader
+def test_late_event_about_a_replaced_instance_is_a_stale_attempt(
+    env, interruption, instance_state, context, event_loader, capsys
 ):
     # Given the job already moved on to a replacement (attempt 1 on another instance)
     from trainctl_core import jobs
@@ -408,9 +431,12 @@ def test_late_event_about_a_replaced_instance_is_ignored(
 
     response = deliver(instance_state, late, context)
 
-    # Then nothing about the new attempt changes. (It is reported as unmanaged: the
-    # by-instance index only knows each job's current instance.)
-    assert response["outcome"] == "ignored_unmanaged"
+    # Then it is recognised as the job's replaced attempt 0 (not an unmanaged instance),
+    # counted as such, and nothing about the new attempt changes
+    assert (response["outcome"], response["job_id"], response["attempt"]) == ("ignored_stale", env.job_id, 0)
+    documents = emitted_metrics(capsys.readouterr().out)
+    assert metric_total(documents, "UnmanagedInstanceEvents") == 0
+    assert [d["outcome"] for d in documents if d.get("Events")] == ["resume_started", "ignored_stale"]
     after = env.store.get(env.job_id)
     assert (after.status, after.attempt, after.instance_id) == (
         JobStatus.LAUNCHING,
@@ -531,9 +557,42 @@ def test_malformed_rebalance_raises_and_touches_nothing(env, interruption, conte
     env.add_job()
     event = {**event_loader("rebalance_recommendation"), "detail": detail}
 
-    with pytest.raises(Exception, match="malformed"):
+    with pytest.raises(MalformedEvent):
         deliver(interruption, event, context)
     assert env.ssm_commands() == []
+
+
+def test_late_events_about_the_last_instance_of_an_ended_job_are_terminal_not_unmanaged(
+    env, interruption, instance_state, context, event_loader, capsys
+):
+    # Given a job whose attempt 0 was lost, then cancelled while its replacement launched
+    from trainctl_core import jobs
+
+    env.add_job()
+    deliver(interruption, event_loader("spot_interruption_warning"), context)
+    job = env.store.get(env.job_id)
+    job = env.store.apply(
+        jobs.mark_launching(
+            job,
+            instance_id="i-0bbbbbbbbbbbbbbbb",
+            pool="g5.xlarge@subnet-0bbb2222",
+            resume_point=jobs.ResumePoint(kind=jobs.CheckpointKind.NONE),
+            now=jobs.utcnow(),
+        )
+    )
+    env.store.apply(jobs.mark_cancelled(job, now=jobs.utcnow()))
+    capsys.readouterr()
+
+    # When the old instance's termination arrives late
+    response = deliver(instance_state, event_loader("instance_state_terminated"), context)
+
+    # Then it is the ended job's, counted under that outcome
+    outcome = (response["outcome"], response["job_id"], response["attempt"])
+    assert outcome == ("ignored_terminal", env.job_id, 0)
+    documents = emitted_metrics(capsys.readouterr().out)
+    assert [d["outcome"] for d in documents] == ["ignored_terminal"]
+    assert metric_total(documents, "UnmanagedInstanceEvents") == 0
+    assert env.store.get(env.job_id).status == JobStatus.CANCELLED
 
 
 def test_unmanaged_instance_is_counted(env, interruption, context, event_loader, capsys):
@@ -582,7 +641,7 @@ def test_malformed_event_is_counted(env, interruption, context, event_loader, ca
     event = event_loader("spot_interruption_warning")
     event["detail"]["instance-action"] = "explode"
 
-    with pytest.raises(Exception, match="malformed"):
+    with pytest.raises(MalformedEvent):
         deliver(interruption, event, context)
 
     assert metric_total(emitted_metrics(capsys.readouterr().out), "RejectedEvents") == 1
@@ -660,7 +719,7 @@ def test_each_error_outcome_has_a_clear_log_line_with_ids(
     # a malformed event: error, with the event id and the problem
     broken = event_loader("spot_interruption_warning", id="cccccccc-0000-0000-0000-000000000001")
     broken["detail"]["instance-id"] = "nope"
-    with pytest.raises(Exception, match="malformed"):
+    with pytest.raises(MalformedEvent):
         deliver(interruption, broken, context)
     (rejected,) = log_records(caplog, "malformed ec2 event")
     assert rejected.levelname == "ERROR"

@@ -3,15 +3,18 @@ as it is now, and changes nothing."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from tests.integration.conftest import INSTANCE, POOLS
 from trainctl_core import jobs
 from trainctl_core.errors import ConcurrentUpdate, JobAlreadyExists, Superseded
-from trainctl_core.jobs import CheckpointRef, InterruptionReason, JobStatus, Transition
-from trainctl_core.store import JobStore
+from trainctl_core.jobs import CheckpointRef, InterruptionReason, JobStatus, Transition, format_time
+from trainctl_core.store import JobStore, StoreUnavailable
 
 REPLACEMENT = "i-0bbbbbbbbbbbbbbbb"
 
@@ -118,6 +121,31 @@ def test_find_by_instance_only_knows_the_current_instance(env) -> None:
     assert found is not None and found == job
 
 
+def test_the_replaced_instance_leads_to_its_job_as_a_past_instance(env) -> None:
+    # Given a job that lost INSTANCE and moved on to REPLACEMENT
+    job = replace(env, env.add_job())
+
+    # Then INSTANCE finds the job through its last recorded loss, REPLACEMENT does not
+    # (it is current), and an instance the job never lost finds nothing
+    found = env.store.find_by_interrupted_instance(INSTANCE)
+    assert found is not None and found == job and found.interrupted_instance_id == INSTANCE
+    assert env.store.find_by_interrupted_instance(REPLACEMENT) is None
+    assert env.store.find_by_interrupted_instance("i-0ccccccccccccccc0") is None
+
+
+def test_an_interrupted_instance_not_yet_replaced_is_current_not_past(env) -> None:
+    job = env.add_job()
+    env.store.apply(
+        jobs.mark_interrupted(
+            job, instance_id=INSTANCE, reason=InterruptionReason.SPOT_WARNING, now=jobs.utcnow()
+        )
+    )
+
+    assert env.store.find_by_interrupted_instance(INSTANCE) is None
+    current = env.store.find_by_instance(INSTANCE)
+    assert current is not None and current.status == JobStatus.INTERRUPTED
+
+
 class StaleIndex:
     """A DynamoDB client whose by-instance index still answers with the job's old
     instance (the index is eventually consistent on AWS; moto updates it at once)."""
@@ -161,3 +189,129 @@ def test_a_checkpoint_from_a_replaced_attempt_is_superseded(env) -> None:
     assert info.value.current is not None and info.value.current.instance_id == REPLACEMENT
     after = env.store.get(env.job_id)
     assert after.last_checkpoint is None and after.final_checkpoint is None
+
+
+def _checkpoint(env: Any, step: int, attempt: int) -> CheckpointRef:
+    return CheckpointRef(
+        step=step,
+        prefix=f"{env.job_id}/ckpt/{step:012d}-a{attempt}/",
+        attempt=attempt,
+        created_at=jobs.utcnow(),
+    )
+
+
+def _named(ref: CheckpointRef | None) -> tuple[int, int, str] | None:
+    return None if ref is None else (ref.step, ref.attempt, ref.prefix)
+
+
+def test_a_replacement_records_checkpoints_below_the_previous_attempts_step(env) -> None:
+    # Given attempt 0 recorded step 900, and the replacement restored an older one (fallback)
+    env.add_job()
+    env.store.record_checkpoint(
+        env.job_id, instance_id=INSTANCE, attempt=0, checkpoint=_checkpoint(env, 900, 0), final=False
+    )
+    replace(env, env.store.get(env.job_id))
+    # When attempt 1 records its own checkpoints, at lower steps
+    mine = _checkpoint(env, 300, 1)
+    env.store.record_checkpoint(env.job_id, instance_id=REPLACEMENT, attempt=1, checkpoint=mine, final=False)
+    final = _checkpoint(env, 320, 1)
+    row = env.store.record_checkpoint(
+        env.job_id, instance_id=REPLACEMENT, attempt=1, checkpoint=final, final=True
+    )
+    # Then they are the row's newest durable state, final one included
+    job = env.store.get(env.job_id)
+    assert _named(job.last_checkpoint) == _named(job.final_checkpoint) == _named(final)
+    assert row["final_checkpoint"]["attempt"] == 1
+    # But within attempt 1 the step still never goes back
+    with pytest.raises(Superseded) as info:
+        env.store.record_checkpoint(
+            env.job_id, instance_id=REPLACEMENT, attempt=1, checkpoint=mine, final=False
+        )
+    assert info.value.current is not None and info.value.current.instance_id == REPLACEMENT
+    assert _named(env.store.get(env.job_id).last_checkpoint) == _named(final)
+
+
+class FailingUpdates:
+    """The table's client, failing every update_item with `error` (botocore's retries spent)."""
+
+    def __init__(self, client: Any, error: Exception) -> None:
+        self._client = client
+        self._error = error
+
+    def update_item(self, **kwargs: Any) -> Any:
+        raise self._error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "UpdateItem",
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _client_error("ProvisionedThroughputExceededException", 400),
+        _client_error("ThrottlingException", 400),
+        _client_error("InternalServerError", 500),
+        EndpointConnectionError(endpoint_url="https://dynamodb.us-east-1.amazonaws.com"),
+        ReadTimeoutError(endpoint_url="https://dynamodb.us-east-1.amazonaws.com"),
+    ],
+)
+def test_an_agent_write_the_table_could_not_take_now_is_store_unavailable(env, error: Exception) -> None:
+    env.add_job()
+    store = JobStore(FailingUpdates(env.ddb, error), "trainctl-jobs")
+    with pytest.raises(StoreUnavailable):
+        store.record_checkpoint(
+            env.job_id, instance_id=INSTANCE, attempt=0, checkpoint=_checkpoint(env, 10, 0), final=True
+        )
+    with pytest.raises(StoreUnavailable):
+        store.heartbeat(env.job_id, instance_id=INSTANCE, attempt=0, step=10)
+
+
+def test_an_agent_write_refused_for_good_is_not_store_unavailable(env) -> None:
+    env.add_job()
+    store = JobStore(FailingUpdates(env.ddb, _client_error("ValidationException", 400)), "trainctl-jobs")
+    with pytest.raises(ClientError) as info:
+        store.heartbeat(env.job_id, instance_id=INSTANCE, attempt=0, step=10)
+    assert not isinstance(info.value, StoreUnavailable)
+
+
+# --- accrued cost -------------------------------------------------------------------------------
+
+
+def test_cost_accrues_exactly_once_per_window(env) -> None:
+    env.add_job()
+    t0 = datetime(2025, 3, 1, 10, 0, tzinfo=UTC)
+    t1, t2 = t0 + timedelta(minutes=1), t0 + timedelta(minutes=2)
+    accrue = partial(env.store.accrue_cost, env.job_id, instance_id=INSTANCE, attempt=0)
+    # The attempt's first window, then the same write again (a retried request that had landed)
+    assert accrue(usd=0.25, since=None, until=t1)["cost_usd"] == 0.25
+    again = accrue(usd=0.25, since=None, until=t1)
+    assert again["cost_usd"] == 0.25 and again["cost_accrued_at"] == format_time(t1)
+    # The next window, from the row's mark; then a stale one (mark moved on): nothing added
+    assert accrue(usd=0.5, since=t1, until=t2)["cost_usd"] == 0.75
+    stale = accrue(usd=0.5, since=t1, until=t2 + timedelta(minutes=1))
+    assert stale["cost_usd"] == 0.75 and stale["cost_accrued_at"] == format_time(t2)
+    assert env.store.get(env.job_id).cost_usd == 0.75
+
+
+def test_a_replacement_accrues_on_top_of_the_previous_attempts_cost(env) -> None:
+    env.add_job()
+    t0 = datetime(2025, 3, 1, 10, 0, tzinfo=UTC)
+    env.store.accrue_cost(env.job_id, instance_id=INSTANCE, attempt=0, usd=1.5, since=None, until=t0)
+    replace(env, env.store.get(env.job_id))
+    # The old attempt can no longer add to it
+    with pytest.raises(Superseded):
+        env.store.accrue_cost(
+            env.job_id, instance_id=INSTANCE, attempt=0, usd=9.0, since=t0, until=t0 + timedelta(hours=1)
+        )
+    # The replacement starts its own mark and adds to the job's total
+    row = env.store.accrue_cost(
+        env.job_id, instance_id=REPLACEMENT, attempt=1, usd=0.5, since=None, until=t0 + timedelta(minutes=5)
+    )
+    assert row["cost_usd"] == 2.0 and row["cost_accrued_attempt"] == 1

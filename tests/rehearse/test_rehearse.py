@@ -180,14 +180,21 @@ def test_burst_of_twenty_jobs_interrupted_at_once(run: Run) -> None:
     assert len({d["tick"] for d in details}) == 1
     noticed = [d["noticed_at"] for d in details]
     assert max(noticed) - min(noticed) < 1.0 < report["notice_seconds"]
-    # Each warning's checkpoint command reached its own instance and no other.
-    assert report["ssm_deliveries"] == 20
+    # Each warning's checkpoint command reached its own instance and no other (every
+    # command record checked, not their count)...
+    delivered = [(c["job_id"], c["instance_id"]) for c in report["ssm_commands"] if c["delivered_at"]]
+    assert set(delivered) == {(d["job_id"], d["instance_id"]) for d in details}
+    # ...once, unless a handler invocation failed after sending it and was retried
+    # (EventBridge's at-least-once delivery, which the handlers must tolerate).
+    assert len(delivered) == 20 or report["handler_errors"] > 0
 
 
 def test_rebalance_first_checkpoints_keeps_training_then_survives_the_warning(run: Run) -> None:
     # A rebalance recommendation asks for a checkpoint but does not end training (the
     # default policy, on_rebalance: checkpoint); the warning that follows takes the final one.
-    report = run(interruptions=1, rebalance_first=True)
+    # Early, in a longer run: the rebalance's checkpoint command (a CLI process start) must
+    # be done, and training gone on past it, well before the job would end.
+    report = run(interruptions=1, at=[0.3], rebalance_first=True, environment={"TRAIN_STEPS": "400"})
 
     assert_recovered(report, 1)
     (detail,) = report["interruption_details"]

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -32,6 +34,7 @@ from trainctl.agent.supervisor import (
 from trainctl_core import checkpoints as ck
 from trainctl_core import jobs, settings
 from trainctl_core.store import JobStore, job_key
+from trainctl_core.tables import jobs_table_request
 from trainctl_core.workflow import Handshake
 
 from .conftest import REGION
@@ -77,24 +80,19 @@ class World:
         self.tmp = tmp
         self.ddb = boto3.client("dynamodb", region_name=REGION)
         self.sfn = boto3.client("stepfunctions", region_name=REGION)
-        self.ddb.create_table(
-            TableName=TABLE,
-            BillingMode="PAY_PER_REQUEST",
-            AttributeDefinitions=[
-                {"AttributeName": settings.JOBS_PARTITION_KEY, "AttributeType": "S"},
-                {"AttributeName": settings.JOBS_INSTANCE_ATTRIBUTE, "AttributeType": "S"},
-            ],
-            KeySchema=[{"AttributeName": settings.JOBS_PARTITION_KEY, "KeyType": "HASH"}],
-            GlobalSecondaryIndexes=[
-                {
-                    "IndexName": settings.JOBS_BY_INSTANCE_INDEX,
-                    "KeySchema": [{"AttributeName": settings.JOBS_INSTANCE_ATTRIBUTE, "KeyType": "HASH"}],
-                    "Projection": {"ProjectionType": "KEYS_ONLY"},
-                }
-            ],
-        )
+        self.ddb.create_table(**jobs_table_request(TABLE))
         self.store = JobStore(self.ddb, TABLE)
         self.ckpt_dir = str(tmp / "checkpoints")
+        self.agents: list[Agent] = []
+
+    def close(self) -> None:
+        """Stop the training processes a failed test left behind (their own sessions)."""
+        for agent in self.agents:
+            child = agent.child
+            if child is not None and child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait(10)
 
     def add_job(self, *, launch: bool = True, resume: jobs.ResumePoint | None = None) -> jobs.Job:
         spec = jobs.JobSpec(
@@ -133,13 +131,19 @@ class World:
             resume_poll_seconds=0.1,
             **config,
         )
-        return Agent(cfg, self.store, handshake=Handshake(self.sfn), imds=imds, logs=logs)
+        agent = Agent(cfg, self.store, handshake=Handshake(self.sfn), imds=imds, logs=logs)
+        self.agents.append(agent)
+        return agent
 
 
 @pytest.fixture
 def world(tmp_path: Any) -> Iterator[World]:
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
-        yield World(tmp_path)
+        world = World(tmp_path)
+        try:
+            yield world
+        finally:
+            world.close()
 
 
 def _run(agent: Agent) -> tuple[threading.Thread, dict[str, int]]:
@@ -660,9 +664,11 @@ def served_world(tmp_path: Any) -> Iterator[tuple[World, str]]:
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
+        world = World(tmp_path)
         try:
-            yield World(tmp_path), f"http://{host}:{port}"
+            yield world, f"http://{host}:{port}"
         finally:
+            world.close()
             server.stop()
 
 
@@ -850,3 +856,367 @@ def test_a_recovery_reports_its_metrics_as_lines_the_stacks_filters_read(world: 
     }
     assert reported["Replacements"]["pool"] == "c7i.large@us-east-1b"
     assert reported["JobsSucceeded"]["value"] == 1
+
+
+# --- a replacement that fell back to an older checkpoint -----------------------------------------
+
+
+def _handshake_machine(world: World) -> str:
+    return str(
+        world.sfn.create_state_machine(
+            name="handshake",
+            definition=json.dumps(HANDSHAKE_ASL),
+            roleArn="arn:aws:iam::123456789012:role/sfn",
+        )["stateMachineArn"]
+    )
+
+
+def _finished(world: World, execution: str) -> Any:
+    return _until(
+        lambda: (d := world.sfn.describe_execution(executionArn=execution))["status"] != "RUNNING" and d,
+        what="the execution to finish",
+    )
+
+
+def test_a_replacement_that_fell_back_to_an_older_checkpoint_records_its_own_and_hands_over(
+    world: World, tmp_path: Any
+) -> None:
+    # Given attempt 0 recorded a checkpoint at a high step that turns out to be unusable
+    # (its files are gone), and the replacement (attempt 1) was told to resume from it
+    job = world.add_job()
+    lost = jobs.CheckpointRef(
+        step=10**6,
+        prefix=ck.checkpoint_prefix(JOB, ck.CheckpointId(10**6, 0)),
+        attempt=0,
+        created_at=jobs.utcnow(),
+    )
+    world.store.record_checkpoint(JOB, instance_id=INSTANCE, attempt=0, checkpoint=lost, final=True)
+    job = world.store.apply(
+        jobs.mark_interrupted(
+            world.store.get(JOB),
+            instance_id=INSTANCE,
+            reason=jobs.InterruptionReason.SPOT_WARNING,
+            now=jobs.utcnow(),
+        )
+    )
+    replacement = "i-0bbbbbbbbbbbbbbb2"
+    world.launch(
+        job, replacement, jobs.ResumePoint(kind=jobs.CheckpointKind.FINAL, step=lost.step, prefix=lost.prefix)
+    )
+    machine = _handshake_machine(world)
+    agent = world.agent(_train(tmp_path), instance=replacement)
+    thread, result = _run(agent)
+    # When training fell back (to a fresh start: nothing older exists) and its own,
+    # lower-step checkpoints become durable, and then a notice comes for attempt 1
+    _until(lambda: agent.last_checkpoint is not None, what="a periodic checkpoint of attempt 1 on the row")
+    execution = world.sfn.start_execution(
+        stateMachineArn=machine, name=f"{JOB}-1", input=json.dumps({"job_id": JOB, "attempt": "1"})
+    )["executionArn"]
+    _until(lambda: world.store.raw(JOB).get("task_token_attempt") == 1, what="the token on the row")
+    argv = ["--job-id", JOB, "--socket", agent.config.socket_path, "--timeout", "60"]
+    assert cli.checkpoint_now_main(argv) == 0
+    thread.join(60)
+    # Then its final checkpoint (below attempt 0's step) is the row's, and the handshake completed
+    assert result == {"rc": 0}
+    row = world.store.get(JOB)
+    assert row.final_checkpoint is not None and row.final_checkpoint.attempt == 1
+    assert row.final_checkpoint.step < lost.step and row.last_checkpoint == row.final_checkpoint
+    described = _finished(world, execution)
+    assert described["status"] == "SUCCEEDED"
+    assert json.loads(described["output"])["checkpoint"]["step"] == row.final_checkpoint.step
+
+
+# --- DynamoDB unavailable while a checkpoint is recorded ---------------------------------------------
+
+
+class ThrottledCheckpointRecords:
+    """The jobs table's client, throttling the first `failures` checkpoint records (as
+    DynamoDB does after botocore's own retries ran out)."""
+
+    def __init__(self, client: Any, failures: int) -> None:
+        self._client = client
+        self.failures = failures
+        self.refused = 0
+
+    def update_item(self, **kwargs: Any) -> Any:
+        if "last_checkpoint = :ckpt" in kwargs.get("UpdateExpression", "") and self.refused < self.failures:
+            from botocore.exceptions import ClientError
+
+            self.refused += 1
+            raise ClientError(
+                {
+                    "Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow down"},
+                    "ResponseMetadata": {"HTTPStatusCode": 400},
+                },
+                "UpdateItem",
+            )
+        return self._client.update_item(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def test_a_checkpoint_record_refused_by_a_throttled_table_is_retried(world: World, tmp_path: Any) -> None:
+    # Given a job whose table throttles the next two checkpoint records
+    world.add_job()
+    agent = world.agent(_train(tmp_path, every=10**9))
+    flaky = ThrottledCheckpointRecords(world.ddb, failures=2)
+    agent.store = JobStore(flaky, TABLE)
+    thread, result = _run(agent)
+    _until(lambda: agent._checkpointers, what="the Checkpointer to connect")
+    # When the notice's checkpoint is durable
+    argv = ["--job-id", JOB, "--socket", agent.config.socket_path, "--timeout", "30"]
+    assert cli.checkpoint_now_main(argv) == 0
+    thread.join(60)
+    # Then its record was retried until the row named it
+    assert flaky.refused == 2 and result == {"rc": 0}
+    final = world.store.get(JOB).final_checkpoint
+    assert final is not None
+    assert ck.LocalCheckpointStorage(world.ckpt_dir, JOB).read_manifest(_id(final)) is not None
+
+
+# --- an agent restarted on its attempt (a reboot) ----------------------------------------------------
+
+
+def test_an_agent_restarted_on_its_attempt_resumes_from_that_attempts_newest_checkpoint(
+    world: World, tmp_path: Any
+) -> None:
+    # Given attempt 1 resumed from attempt 0's final checkpoint and checkpointed beyond it
+    world.add_job()
+    first = world.agent(_train(tmp_path))
+    thread, result = _run(first)
+    _until(lambda: first.last_checkpoint is not None, what="a checkpoint of attempt 0")
+    assert (
+        cli.checkpoint_now_main(["--job-id", JOB, "--socket", first.config.socket_path, "--timeout", "60"])
+        == 0
+    )
+    thread.join(60)
+    handed_over = world.store.get(JOB).final_checkpoint
+    assert handed_over is not None and result == {"rc": 0}
+    job = world.store.apply(
+        jobs.mark_interrupted(
+            world.store.get(JOB),
+            instance_id=INSTANCE,
+            reason=jobs.InterruptionReason.SPOT_WARNING,
+            now=jobs.utcnow(),
+        )
+    )
+    replacement = "i-0bbbbbbbbbbbbbbb2"
+    world.launch(
+        job,
+        replacement,
+        jobs.ResumePoint(kind=jobs.CheckpointKind.FINAL, step=handed_over.step, prefix=handed_over.prefix),
+    )
+    booted = world.agent(_train(tmp_path), instance=replacement)
+    thread, result = _run(booted)
+    _until(
+        lambda: (
+            (last := world.store.get(JOB).last_checkpoint) is not None
+            and last.attempt == 1
+            and last.step >= handed_over.step + 40
+        ),
+        what="attempt 1's own checkpoints",
+    )
+    # When the machine reboots: systemd stops the agent (SIGTERM), then starts it again
+    booted.terminate()
+    thread.join(60)
+    assert result == {"rc": 0}
+    row = world.store.get(JOB)
+    assert row.status == jobs.JobStatus.RUNNING and row.last_checkpoint is not None
+    newest = row.last_checkpoint
+    assert newest.attempt == 1 and newest.step > handed_over.step
+    again = world.agent(
+        _train(tmp_path, steps=newest.step + 5, step_seconds=0),
+        instance=replacement,
+        shutdown_command=["true"],
+    )
+    # Then it resumes where attempt 1 got to, not from the row's resume point
+    assert again.run() == 0
+    assert any(f"resumed at step {newest.step} " in line for line in again.log_tail), list(again.log_tail)
+    assert world.store.get(JOB).status == jobs.JobStatus.SUCCEEDED
+
+
+# --- a stopped instance that comes back ---------------------------------------------------------------
+
+
+def test_a_stopped_instance_that_comes_back_after_its_replacement_stands_down_at_once(
+    world: World, tmp_path: Any
+) -> None:
+    # Given the job moved on from this instance (stopped on its notice) to a replacement
+    job = world.add_job()
+    job = world.store.apply(
+        jobs.mark_interrupted(
+            job, instance_id=INSTANCE, reason=jobs.InterruptionReason.SPOT_WARNING, now=jobs.utcnow()
+        )
+    )
+    world.launch(job, "i-0bbbbbbbbbbbbbbb2")
+    marker = tmp_path / "shutdown-called"
+    # When the instance is started again: the bootstrap's agent knows no attempt
+    agent = world.agent(["true"], resume_wait_seconds=60, shutdown_command=["touch", str(marker)])
+    assert agent.config.attempt is None
+    # Then it stands down (the row will never name it again) and shuts the instance down
+    assert agent.run() == EXIT_STOOD_DOWN
+    assert agent.child is None and marker.exists()
+    assert world.store.get(JOB).instance_id == "i-0bbbbbbbbbbbbbbb2"
+
+
+def test_the_agent_takes_its_attempt_from_the_instance_tag(
+    world: World, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an instance launched for attempt 0 that the row never recorded (the job's
+    # attempt 0 ran elsewhere, and attempt 1 runs now on another instance)
+    job = world.store.apply(
+        jobs.mark_interrupted(
+            world.add_job(),
+            instance_id=INSTANCE,
+            reason=jobs.InterruptionReason.SPOT_WARNING,
+            now=jobs.utcnow(),
+        )
+    )
+    world.launch(job, "i-0bbbbbbbbbbbbbbb2")
+    orphan = "i-0ddddddddddddddd4"
+    for name in (cli.env.JOB_ID, cli.env.INSTANCE_ID, cli.env.ATTEMPT):
+        monkeypatch.delenv(name, raising=False)
+    tags = {settings.TAG_JOB_ID: JOB, settings.TAG_ATTEMPT: "0"}
+    with FakeImds(orphan, tags=tags) as fake:
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", fake.url)
+        # When its agent starts as the bootstrap starts it (no --attempt)
+        rc = cli.agent_main(_agent_argv(tmp_path, "--resume-wait-seconds", "60", "--", "true"))
+    # Then it knows its attempt is over and stands down
+    assert rc == EXIT_STOOD_DOWN
+    assert world.store.get(JOB).instance_id == "i-0bbbbbbbbbbbbbbb2"
+
+
+@pytest.mark.parametrize("status", [403, 405])
+def test_imds_refusing_its_token_means_unavailable_not_a_crash(
+    world: World, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any, capsys: Any, status: int
+) -> None:
+    from trainctl.agent.imds import ImdsUnavailable
+
+    world.add_job()
+    for name in (cli.env.JOB_ID, cli.env.INSTANCE_ID):
+        monkeypatch.delenv(name, raising=False)
+    with FakeImds(INSTANCE, tags={settings.TAG_JOB_ID: JOB}, token_status=status) as fake:
+        # Given IMDS refusing session tokens (turned off: 403; through a proxy: 405)
+        with pytest.raises(ImdsUnavailable):
+            ImdsClient(fake.url).poll()
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", fake.url)
+        # When the agent starts without an instance id: a usage error naming it
+        assert cli.agent_main(_agent_argv(tmp_path, "--job-id", JOB, "--", "true")) == 64
+        assert "--instance-id" in capsys.readouterr().err
+        # When it is given one, it runs on SSM signals alone, saying so once
+        script = "import time; time.sleep(1.5)"
+        argv = _agent_argv(
+            tmp_path, "--job-id", JOB, "--instance-id", INSTANCE, "--", sys.executable, "-c", script
+        )
+        with caplog.at_level(logging.WARNING, logger="trainctl"):
+            assert cli.agent_main(argv) == 0
+    assert world.store.get(JOB).status == jobs.JobStatus.SUCCEEDED
+    warnings = [r.getMessage() for r in caplog.records if "IMDS" in r.getMessage()]
+    assert len([m for m in warnings if "relying on SSM signals" in m]) == 1, warnings
+    assert not any(r.exc_info for r in caplog.records if r.name.startswith("trainctl"))
+
+
+# --- fences are answered while a checkpoint record is slow -----------------------------------------
+
+
+class SlowCheckpointRecords:
+    """The store, with checkpoint records that hang until `release` is set."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def record_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        self.started.set()
+        self.release.wait(60)
+        return self._store.record_checkpoint(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_fence_is_answered_while_a_checkpoint_record_is_slow(world: World, tmp_path: Any) -> None:
+    from trainctl.agent.ipc import AgentConnection
+
+    # Given an agent whose checkpoint records hang (DynamoDB or Step Functions slow)
+    world.add_job()
+    agent = world.agent(["true"])
+    slow = SlowCheckpointRecords(world.store)
+    agent.store = slow  # type: ignore[assignment]
+    agent.attempt = 0
+    agent.ipc.start()
+    link = AgentConnection.try_connect(agent.config.socket_path)
+    assert link is not None
+    try:
+        # When the Checkpointer reports a durable checkpoint, then asks to publish the next
+        link.send(
+            {
+                "op": "durable",
+                "step": 20,
+                "prefix": ck.checkpoint_prefix(JOB, ck.CheckpointId(20, 0)),
+                "created_at": jobs.format_time(jobs.utcnow()),
+            }
+        )
+        assert slow.started.wait(10)
+        # Then the fence is answered (within the Checkpointer's own 5 s) while the record waits
+        assert link.is_current(timeout=5.0) is True
+        assert world.store.get(JOB).last_checkpoint is None
+        slow.release.set()
+        _until(lambda: world.store.get(JOB).last_checkpoint, what="the checkpoint on the row")
+    finally:
+        slow.release.set()
+        link.close()
+        agent.ipc.stop()
+
+
+# --- the same notice asking twice (the interruption handler retried) ------------------------------
+
+
+def test_a_second_checkpoint_now_for_the_same_notice_gets_the_same_checkpoint(
+    world: World, tmp_path: Any, capsys: Any
+) -> None:
+    from trainctl.agent.ipc import request_checkpoint
+
+    # Given a training process whose storage is slow, and a Spot notice's checkpoint-now
+    flag = tmp_path / "storage-down"
+    flag.touch()
+    world.add_job()
+    agent = world.agent([sys.executable, "-c", STUCK_CHILD, str(flag)])
+    thread, result = _run(agent)
+    _until(lambda: agent._checkpointers, what="the Checkpointer to connect")
+    deadline = jobs.format_time(jobs.utcnow() + timedelta(seconds=90))
+    answers: list[dict[str, Any]] = []
+
+    def ask() -> None:
+        answers.append(
+            request_checkpoint(agent.config.socket_path, job_id=JOB, deadline=deadline, timeout=60)
+        )
+
+    first = threading.Thread(target=ask)
+    first.start()
+    _until(lambda: agent._stop_request is not None, what="the first request to reach the child")
+    # When the same notice's second checkpoint-now arrives while the first is in flight
+    second = threading.Thread(target=ask)
+    second.start()
+    _until(lambda: len(agent._waiters) == 2, what="the second request to wait")
+    flag.unlink()
+    first.join(60)
+    second.join(60)
+    thread.join(60)
+    # Then both get the one final checkpoint; no second checkpoint was taken
+    assert result == {"rc": 0}
+    final = world.store.get(JOB).final_checkpoint
+    assert final is not None
+    assert [(a["ok"], a["step"], a["prefix"]) for a in answers] == [(True, final.step, final.prefix)] * 2
+    storage = ck.LocalCheckpointStorage(world.ckpt_dir, JOB)
+    assert storage.list_checkpoints() == [_id(final)]
+    # And one arriving after the agent has exited still gets that checkpoint
+    argv = ["--job-id", JOB, "--socket", agent.config.socket_path, "--deadline", deadline, "--timeout", "5"]
+    assert cli.checkpoint_now_main(argv) == 0
+    assert f"checkpoint durable: step {final.step} at {final.prefix}" in capsys.readouterr().out
+    assert storage.list_checkpoints() == [_id(final)]
+    # But not for another job
+    other = ["--job-id", "another-job", "--socket", agent.config.socket_path, "--timeout", "5"]
+    assert cli.checkpoint_now_main(other) == cli.EXIT_CHECKPOINT_FAILED

@@ -617,8 +617,331 @@ def test_a_local_run_without_an_agent_still_checkpoints(tmp_path: Any) -> None:
 def test_retention_never_deletes_a_newer_attempts_checkpoints(tmp_path: Any) -> None:
     with _attempt(tmp_path, 3) as newest:
         newest.save_now(_state(1), 1)
-    with _attempt(tmp_path, 2, keep=1) as older:
+    with _attempt(tmp_path, 2, keep=2) as older:
         for step in (10, 20, 30):
             older.save_now(_state(step), step)
     listed = ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1").list_checkpoints()
-    assert listed == [C(1, 3), C(30, 2)]
+    assert listed == [C(1, 3), C(20, 2), C(30, 2)]
+
+
+# --- retention never removes what the job row may still name -----------------------------------
+
+
+def test_keep_1_still_keeps_the_checkpoint_the_row_names_until_a_newer_one_is_durable(
+    tmp_path: Any,
+) -> None:
+    # Given attempt 1 keeping one checkpoint; the agent recorded step 10 on the row
+    with _attempt(tmp_path, 1, keep=1) as ckpt:
+        ckpt.save_now(_state(10), 10)
+        # When step 20 becomes durable (the agent records it on the row a moment later)
+        ckpt.save_now(_state(20), 20)
+        listed = ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1").list_checkpoints()
+        # Then step 10 is still there: an interruption right now resumes from it
+        assert listed == [C(10, 1), C(20, 1)]
+        ckpt.save_now(_state(30), 30)
+    assert ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1").list_checkpoints() == [
+        C(20, 1),
+        C(30, 1),
+    ]
+    with _attempt(tmp_path, 2, resume_step=20, resume_attempt=1) as resumed:
+        _assert_same(resumed.restore(), _state(20))
+
+
+def test_a_row_lagging_behind_retention_resumes_from_the_newest_checkpoint_of_its_attempt(
+    tmp_path: Any,
+) -> None:
+    # Given attempt 1 checkpointed steps 10-40 (keep 2: 10 and 20 are gone) while the row,
+    # its updates failing, still names step 10
+    with _attempt(tmp_path, 1, keep=2) as ckpt:
+        for step in (10, 20, 30, 40):
+            ckpt.save_now(_state(step), step)
+    # And an older attempt's late upload above it, and a newer attempt's checkpoint
+    with _attempt(tmp_path, 0, keep=10) as stale:
+        stale.save_now(_state(90), 50)
+    with _attempt(tmp_path, 3, keep=10) as newer:
+        newer.save_now(_state(91), 45)
+    # When attempt 2 restores the row's resume point
+    with _attempt(tmp_path, 2, resume_step=10, resume_attempt=1) as resumed:
+        state = resumed.restore()
+        # Then it continues attempt 1's history from its newest checkpoint, not fresh
+        assert resumed.restored is not None and resumed.restored.checkpoint == C(40, 1)
+        _assert_same(state, _state(40))
+
+
+# --- saving a durable step again never rewrites it in place ----------------------------------------
+
+
+class RecordingStorage(SlowFlakyStorage):
+    """Records the order of writes (put_files, put_manifest, delete) per checkpoint."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.calls: list[tuple[str, int]] = []
+
+    def put_files(
+        self, checkpoint: ck.CheckpointId, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]
+    ) -> None:
+        self.calls.append(("files", checkpoint.step))
+        super().put_files(checkpoint, files, cancelled)
+
+    def put_manifest(self, checkpoint: ck.CheckpointId, manifest: bytes) -> None:
+        self.calls.append(("manifest", checkpoint.step))
+        self.inner.put_manifest(checkpoint, manifest)
+
+    def delete(self, checkpoint: ck.CheckpointId) -> None:
+        self.calls.append(("delete", checkpoint.step))
+        self.inner.delete(checkpoint)
+
+
+def test_the_final_save_of_an_already_durable_step_uploads_nothing(tmp_path: Any) -> None:
+    storage = RecordingStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"))
+    with Checkpointer(storage, job_id="job-1", staging_dir=str(tmp_path / "st")) as ckpt:
+        # Given step 5 saved periodically and durable
+        ckpt.save(_state(5), 5)
+        first = ckpt.flush()
+        assert first is not None
+        before = {
+            p.name: p.stat().st_mtime_ns for p in (tmp_path / "store/job-1/ckpt/000000000005-a0").iterdir()
+        }
+        # When training ends at step 5 and saves it again, unchanged
+        final = ckpt.save_now(_state(5), 5)
+    # Then that durable checkpoint is the answer; nothing was written again
+    assert (final.step, final.size) == (5, first.size)
+    assert ck.format_time(final.created_at) == ck.format_time(first.created_at)  # the same checkpoint
+    assert storage.calls == [("files", 5), ("manifest", 5)]
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store/job-1/ckpt/000000000005-a0").iterdir()}
+    assert after == before
+
+
+def test_resaving_a_durable_step_with_other_content_retracts_it_first(tmp_path: Any) -> None:
+    storage = RecordingStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"))
+    with Checkpointer(storage, job_id="job-1", staging_dir=str(tmp_path / "st")) as ckpt:
+        ckpt.save_now(_state(5), 5)
+        ckpt.save_now(_state(6), 5)  # the same step, other state
+    # The old checkpoint went (manifest first) before any new file was written
+    assert storage.calls == [("files", 5), ("manifest", 5), ("delete", 5), ("files", 5), ("manifest", 5)]
+    with _local_again(tmp_path) as again:
+        _assert_same(again.restore(), _state(6))
+
+
+def test_new_metadata_for_the_same_files_replaces_only_the_manifest(tmp_path: Any) -> None:
+    storage = RecordingStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"))
+    with Checkpointer(storage, job_id="job-1", staging_dir=str(tmp_path / "st")) as ckpt:
+        ckpt.save_now(_state(5), 5, extra={"note": "periodic"})
+        ckpt.save_now(_state(5), 5, extra={"note": "final"})
+    assert storage.calls == [("files", 5), ("manifest", 5), ("manifest", 5)]
+    manifest = ck.parse_manifest(storage.inner.read_manifest(C(5)) or b"")
+    assert manifest.extra == {"note": "final"}
+
+
+RESAVE_CHILD = os.path.join(os.path.dirname(__file__), "resave_child.py")
+
+
+@pytest.mark.parametrize("content", ["same", "other"])
+@pytest.mark.parametrize("point", ["files", "manifest", "delete"])
+def test_kill_9_in_the_middle_of_resaving_a_durable_step_leaves_a_verified_newest(
+    tmp_path: Any, content: str, point: str
+) -> None:
+    import subprocess
+    import sys
+
+    # Given a training process whose step 2 is durable, saving step 2 again; it is killed
+    # with SIGKILL right before the re-save's first write of the kind `point`, if any
+    store, staging = tmp_path / "store", tmp_path / "staging"
+    process = subprocess.Popen(
+        [sys.executable, RESAVE_CHILD, str(store), str(staging), content, point],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line.strip())
+        if line.startswith(("paused", "resaved")):
+            break
+    process.kill()
+    process.wait()
+    process.stdout.close()
+    assert "durable 2" in lines, lines
+    # Then every checkpoint with a manifest verifies, and restore finds the newest
+    storage = ck.LocalCheckpointStorage(str(store), "kill")
+    for checkpoint in storage.list_checkpoints():
+        if storage.read_manifest(checkpoint) is not None:
+            outcome = ck.verify_checkpoint(storage, checkpoint, job_id="kill", dest_dir=str(tmp_path / "v"))
+            assert not isinstance(outcome, str), (checkpoint, outcome)
+    with Checkpointer(storage, job_id="kill", staging_dir=str(tmp_path / "r")) as ckpt:
+        state = ckpt.restore()
+        assert state is not None
+        # The same content: step 2 as it was. Other content: step 2 either way (killed
+        # after the retraction, so step 1), never an unverifiable one skipped.
+        if content == "same":
+            assert ckpt.restored_step == 2 and int(state["data"][0]) == 2
+        else:
+            assert ckpt.restored_step in (1, 2)
+        assert np.all(state["data"] == state["data"][0])
+
+
+# --- bounds: save_now never waits forever; urgent retries fit the notice ------------------------
+
+
+def test_save_now_gives_up_waiting_for_a_stuck_write_at_its_timeout(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainctl.checkpoint as module
+    from trainctl.checkpoint import CheckpointTimeout
+
+    real, stuck = module.write_snapshot, threading.Event()
+
+    def hanging(*args: Any, **kwargs: Any) -> Any:
+        stuck.wait(30)  # a disk that stopped answering
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "write_snapshot", hanging)
+    ckpt = _local(tmp_path)
+    try:
+        # Given a periodic snapshot whose write hangs (the host buffer stays busy)
+        ckpt.save(_state(1), 1)
+        outcome: dict[str, Any] = {}
+
+        def urgent() -> None:
+            try:
+                ckpt.save_now(_state(2), 2, timeout=0.5)
+            except CheckpointFailed as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=urgent, daemon=True)
+        thread.start()
+        thread.join(20)
+        # Then the urgent save raised its typed timeout instead of waiting for the buffer
+        assert not thread.is_alive(), "save_now waited for the host buffer past its timeout"
+        assert isinstance(outcome.get("error"), CheckpointTimeout)
+        assert "not started within 0.5 s" in str(outcome["error"])
+    finally:
+        stuck.set()
+        ckpt.close()
+
+
+def test_save_now_without_any_deadline_is_bounded_by_save_timeout_seconds(tmp_path: Any) -> None:
+    from trainctl.checkpoint import CheckpointTimeout
+
+    storage = SlowFlakyStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"), failures=10_000)
+    ckpt = Checkpointer(
+        storage,
+        job_id="job-1",
+        staging_dir=str(tmp_path / "st"),
+        retry_initial_seconds=0.05,
+        save_timeout_seconds=0.5,
+    )
+    outcome: dict[str, Any] = {}
+
+    def final_save() -> None:  # no request pending, storage down for good
+        try:
+            ckpt.save_now(_state(1), 1)
+        except CheckpointFailed as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=final_save, daemon=True)
+    thread.start()
+    thread.join(20)
+    try:
+        assert not thread.is_alive(), "save_now waited forever for storage that stays down"
+        assert isinstance(outcome.get("error"), CheckpointTimeout)
+        assert "(save_timeout_seconds)" in str(outcome["error"])
+    finally:
+        ckpt.close(flush=False)
+
+
+def test_urgent_upload_retries_wait_a_fraction_of_the_time_left() -> None:
+    from trainctl.checkpoint import URGENT_RETRY_MAX_SECONDS, retry_wait
+
+    # Periodic uploads back off as configured (training goes on meanwhile)
+    assert retry_wait(30.0, urgent=False, deadline=None, now=0.0) == 30.0
+    # An urgent one never waits long: someone is waiting for it
+    assert retry_wait(30.0, urgent=True, deadline=None, now=0.0) == URGENT_RETRY_MAX_SECONDS
+    assert retry_wait(0.5, urgent=True, deadline=None, now=0.0) == 0.5
+    # And, with the notice's deadline 8 s away, at most an eighth of what is left
+    assert retry_wait(30.0, urgent=True, deadline=108.0, now=100.0) == 1.0
+    assert retry_wait(30.0, urgent=True, deadline=100.0, now=101.0) == 0.05  # past: try again soon
+
+
+def test_an_urgent_save_retried_through_failures_lands_before_its_notice_deadline(tmp_path: Any) -> None:
+    # Given storage failing 5 times: the periodic back-off (0.5, 1, 2, 4, 8 s) would need
+    # 15 s before the sixth try
+    storage = SlowFlakyStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"), failures=5)
+    link = FakeLink()
+    with Checkpointer(
+        storage, job_id="job-1", staging_dir=str(tmp_path / "st"), link=link, retry_initial_seconds=0.5
+    ) as ckpt:
+        # When a notice with 8 s left asks for a checkpoint
+        ckpt.request(stop=True, deadline=time.time() + 8.0, ref=1)
+        durable = ckpt.save(_state(1), 1)
+    # Then it became durable within the notice, on the sixth try
+    assert durable is not None and durable.step == 1
+    assert storage.put_calls == [1] * 6
+    assert not link.ops("checkpoint-failed")
+
+
+def test_an_urgent_save_is_uploaded_only_once_its_staged_files_are_in_place(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class CheckingStorage(SlowFlakyStorage):
+        def put_files(
+            self, checkpoint: ck.CheckpointId, files: Sequence[tuple[str, str]], cancelled: Callable[[], bool]
+        ) -> None:
+            self.missing = [local for local, _ in files if not os.path.exists(local)]
+            super().put_files(checkpoint, files, cancelled)
+
+    storage = CheckingStorage(ck.LocalCheckpointStorage(str(tmp_path / "store"), "job-1"))
+    # Widen the moment between the staging rename and the staged paths being known (the
+    # writer computes them with relpath): an uploader that looked too early would see
+    # the pre-rename paths, fail on a missing file and wait a retry back-off.
+    real_relpath = os.path.relpath
+
+    def slow_relpath(*args: Any, **kwargs: Any) -> str:
+        if threading.current_thread().name == "trainctl-ckpt-writer":
+            time.sleep(0.4)
+        return real_relpath(*args, **kwargs)
+
+    monkeypatch.setattr(os.path, "relpath", slow_relpath)
+    with Checkpointer(
+        storage, job_id="job-1", staging_dir=str(tmp_path / "st"), retry_initial_seconds=5.0
+    ) as ckpt:
+        durable = ckpt.save_now(_state(1), 1, timeout=30)
+    assert durable.step == 1
+    assert storage.put_calls == [1] and storage.missing == []
+
+
+def test_the_staging_rename_is_made_durable(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainctl.checkpoint as module
+
+    real, seen = module._fsync_dir, []
+
+    def record(path: str) -> None:
+        # What the directory holds when it is fsynced: the rename must be done by then
+        seen.append((path, sorted(os.listdir(path))))
+        real(path)
+
+    monkeypatch.setattr(module, "_fsync_dir", record)
+    with _local(tmp_path) as ckpt:
+        ckpt.save_now(_state(1), 1)
+    staging = str(tmp_path / "staging")
+    assert (staging, [f"{1:012d}"]) in seen
+
+
+# --- restore: no leftover copy ---------------------------------------------------------------
+
+
+def test_a_restore_from_s3_leaves_no_fetched_copy_behind(tmp_path: Any, s3: Any) -> None:
+    storage = ck.S3CheckpointStorage(s3, BUCKET, "job-1")
+    with Checkpointer(storage, job_id="job-1", staging_dir=str(tmp_path / "st")) as ckpt:
+        for step in (1, 2):
+            ckpt.save_now(_state(step), step)
+    # Given the newest checkpoint corrupt in S3 (it is fetched, then skipped)
+    key = "job-1/ckpt/000000000002-a0/state.bin"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"x" * 1000)
+    for reserve in (True, False):
+        staging = tmp_path / f"restore-{reserve}"
+        with Checkpointer(storage, job_id="job-1", staging_dir=str(staging)) as again:
+            _assert_same(again.restore(reserve=reserve), _state(1))
+            # Then, the state in memory, neither the used nor the skipped copy stays on disk
+            assert not (staging / "restore").exists()

@@ -272,6 +272,16 @@ def test_inference_server_drains_in_flight_and_refuses_new_requests(tmp_path: An
     def call_slow() -> None:
         slow["body"] = json.loads(urllib.request.urlopen(f"{base}/predict?x=1&delay=1.5", timeout=10).read())
 
+    # A rebalance recommendation (SIGUSR2: checkpoint, continue) does not drain it
+    process.send_signal(signal.SIGUSR2)
+    storage = ck.LocalCheckpointStorage(str(tmp_path / "ck"), "example")
+    deadline = time.monotonic() + 10
+    while not storage.list_checkpoints() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert storage.list_checkpoints(), "no checkpoint on the rebalance recommendation"
+    assert json.loads(urllib.request.urlopen(f"{base}/predict?x=2").read()) == {"y": 5.0}
+    assert process.poll() is None
+
     thread = threading.Thread(target=call_slow)
     thread.start()
     time.sleep(0.3)
@@ -285,5 +295,7 @@ def test_inference_server_drains_in_flight_and_refuses_new_requests(tmp_path: An
     thread.join(10)
     assert slow["body"] == {"y": 3.0}
     assert process.wait(20) == 0
-    storage = ck.LocalCheckpointStorage(str(tmp_path / "ck"), "example")
-    assert storage.list_checkpoints() and storage.read_manifest(storage.list_checkpoints()[-1]) is not None
+    assert (
+        len(storage.list_checkpoints()) == 2
+        and storage.read_manifest(storage.list_checkpoints()[-1]) is not None
+    )

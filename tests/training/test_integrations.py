@@ -21,6 +21,8 @@ from trainctl.integrations.torch import (
 )
 from trainctl_core import checkpoints as ck
 
+from .conftest import BUCKET
+
 
 def _ckpt(tmp_path: Any, name: str = "staging", store: str = "store", **kwargs: Any) -> Checkpointer:
     storage = ck.LocalCheckpointStorage(str(tmp_path / store), "job")
@@ -165,7 +167,10 @@ def test_hf_trainer_saves_at_the_trainctl_interval(tmp_path: Any) -> None:
     assert [c.step for c in published] == [3, 6, 8]
 
 
-def test_hf_trainer_checkpoints_on_signal_and_resumes(tmp_path: Any) -> None:
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_hf_trainer_checkpoints_on_signal_and_resumes(
+    tmp_path: Any, where: str, request: pytest.FixtureRequest
+) -> None:
     pytest.importorskip("transformers")
     from transformers import TrainerCallback
 
@@ -190,20 +195,29 @@ def test_hf_trainer_checkpoints_on_signal_and_resumes(tmp_path: Any) -> None:
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             self.steps += 1
 
-    with _ckpt(tmp_path) as ckpt:
+    def checkpointer(staging: str) -> Checkpointer:
+        if where == "local":
+            return _ckpt(tmp_path, staging)
+        storage = ck.S3CheckpointStorage(request.getfixturevalue("s3"), BUCKET, "job")
+        return Checkpointer(storage, job_id="job", staging_dir=str(tmp_path / staging))
+
+    with checkpointer("staging") as ckpt:
         first = _hf_trainer(tmp_path / "out", [TrainctlCallback(ckpt), RequestAtStep(ckpt)])
         first.train()
         assert first.state.global_step == 4 and ckpt.should_stop()
         assert ckpt.last_durable is not None and ckpt.last_durable.step == 4
         stopped_weights = first.model.linear.weight.detach().clone()
     shutil.rmtree(tmp_path / "out")  # the replacement instance has only what the checkpoint holds
-    with _ckpt(tmp_path, "staging2") as ckpt:
+    with checkpointer("staging2") as ckpt:
         folder = resume_from_checkpoint(ckpt)
         assert folder is not None and os.path.exists(os.path.join(folder, "trainer_state.json"))
         observe = Observe()
         second = _hf_trainer(tmp_path / "out", [TrainctlCallback(ckpt), observe])
         second.train(resume_from_checkpoint=folder)
         assert second.state.global_step == 8
+        # A copy fetched from S3 is gone once the Trainer has loaded it (after its first
+        # step); a local checkpoint, read in place, is never touched
+        assert os.path.exists(folder) is (where == "local")
     # The resumed run started from the checkpointed weights and ran only the remaining steps
     assert observe.start_weights is not None and torch.equal(observe.start_weights, stopped_weights)
     assert observe.steps == 4

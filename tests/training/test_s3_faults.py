@@ -10,12 +10,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import boto3
 import pytest
 import torch
+from botocore.config import Config
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
@@ -24,8 +25,9 @@ from trainctl.agent import cli
 from trainctl.agent.supervisor import Agent, AgentConfig
 from trainctl.checkpoint import Checkpointer
 from trainctl_core import checkpoints as ck
-from trainctl_core import jobs, settings
+from trainctl_core import jobs
 from trainctl_core.store import JobStore
+from trainctl_core.tables import jobs_table_request
 
 from .conftest import BUCKET, REGION
 from .test_examples_and_faults import kill_9_cycles
@@ -38,11 +40,14 @@ TABLE = "trainctl-jobs"
 
 class SwitchableProxy:
     """A TCP proxy in front of an endpoint that can be cut (every connection dropped and
-    new ones closed at once, like a lost route) and restored."""
+    new ones closed at once, like a lost route) and restored, or made to drop the next
+    few connections only (a transient outage)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
         self.down = False
+        self.failing = 0  # connections still to drop
+        self.dropped = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -66,6 +71,16 @@ class SwitchableProxy:
     def restore(self) -> None:
         self.down = False
 
+    def fail_next(self, connections: int) -> None:
+        """Drop the open connections and the next `connections` new ones."""
+        with self._lock:
+            self.failing = connections
+            sockets, self._open = list(self._open), set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
     def close(self) -> None:
         self._closed = True
         self.cut()
@@ -77,7 +92,12 @@ class SwitchableProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            if self.down:
+            with self._lock:
+                drop = self.down or self.failing > 0
+                if self.failing > 0:
+                    self.failing -= 1
+                    self.dropped += 1
+            if drop:
                 client.close()
                 continue
             try:
@@ -192,22 +212,7 @@ def _until(predicate: Any, timeout: float = 60.0, what: str = "condition") -> An
 
 
 def _jobs_table(ddb: Any) -> JobStore:
-    ddb.create_table(
-        TableName=TABLE,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[
-            {"AttributeName": settings.JOBS_PARTITION_KEY, "AttributeType": "S"},
-            {"AttributeName": settings.JOBS_INSTANCE_ATTRIBUTE, "AttributeType": "S"},
-        ],
-        KeySchema=[{"AttributeName": settings.JOBS_PARTITION_KEY, "KeyType": "HASH"}],
-        GlobalSecondaryIndexes=[
-            {
-                "IndexName": settings.JOBS_BY_INSTANCE_INDEX,
-                "KeySchema": [{"AttributeName": settings.JOBS_INSTANCE_ATTRIBUTE, "KeyType": "HASH"}],
-                "Projection": {"ProjectionType": "KEYS_ONLY"},
-            }
-        ],
-    )
+    ddb.create_table(**jobs_table_request(TABLE))
     store = JobStore(ddb, TABLE)
     spec = jobs.JobSpec(
         name=JOB,
@@ -295,3 +300,120 @@ def test_s3_unreachable_during_saves_retries_while_training_continues(
         if agent.child is not None and agent.child.poll() is None:
             agent.child.kill()
         thread.join(10)
+
+
+# --- restore: a transient outage is retried, a persistent one fails clearly -----------------
+
+
+class FaultyRestoreStorage(ck.S3CheckpointStorage):
+    """S3 storage through the proxy whose first `at` call (list / manifest / files) starts a
+    transient outage: the proxy drops the next `connections` connections."""
+
+    def __init__(self, client: Any, proxy: SwitchableProxy, at: str, connections: int) -> None:
+        super().__init__(client, BUCKET, "restore")
+        self.proxy, self.at, self.connections = proxy, at, connections
+
+    def _maybe_fail(self, call: str) -> None:
+        if call == self.at:
+            self.at = ""  # once
+            self.proxy.fail_next(self.connections)
+
+    def list_checkpoints(self) -> list[ck.CheckpointId]:
+        self._maybe_fail("list")
+        return super().list_checkpoints()
+
+    def read_manifest(self, checkpoint: ck.CheckpointId) -> bytes | None:
+        self._maybe_fail("manifest")
+        return super().read_manifest(checkpoint)
+
+    def fetch(
+        self, checkpoint: ck.CheckpointId, files: Sequence[ck.ManifestFile], dest_dir: str
+    ) -> dict[str, str]:
+        self._maybe_fail("files")
+        return super().fetch(checkpoint, files, dest_dir)
+
+
+def _proxied_client(proxy: SwitchableProxy) -> Any:
+    # Two tries per request and short timeouts: botocore gives up on each request fast, so
+    # the outage outlasts botocore's own retries, as a longer one does on AWS.
+    config = Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 2, "mode": "standard"})
+    return boto3.client("s3", region_name=REGION, endpoint_url=proxy.url, config=config)
+
+
+def _two_checkpoints(client: Any, tmp_path: Any) -> dict[str, Any]:
+    storage = ck.S3CheckpointStorage(client, BUCKET, "restore")
+    newest = {"step": 2, "w": torch.arange(2_000_000, dtype=torch.float32)}
+    with Checkpointer(storage, job_id="restore", staging_dir=str(tmp_path / "saving")) as ckpt:
+        ckpt.save_now({"step": 1, "w": torch.zeros(2_000_000)}, 1)
+        ckpt.save_now(newest, 2)
+    return newest
+
+
+@pytest.mark.parametrize("at", ["list", "manifest", "files"])
+@pytest.mark.parametrize("reserve", [True, False], ids=["one-pass", "two-pass"])
+def test_a_transient_s3_outage_during_restore_is_retried_not_taken_for_corruption(
+    tmp_path: Any, s3_server: tuple[str, Any], at: str, reserve: bool
+) -> None:
+    url, client = s3_server
+    newest = _two_checkpoints(client, tmp_path)
+    host, port = url.removeprefix("http://").split(":")
+    proxy = SwitchableProxy((host, int(port)))
+    try:
+        # Given S3 unreachable for a while right when restore reads the listing, the
+        # newest manifest or its files (longer than botocore's own retries last)
+        storage = FaultyRestoreStorage(_proxied_client(proxy), proxy, at, connections=6)
+        with Checkpointer(
+            storage, job_id="restore", staging_dir=str(tmp_path / "r"), retry_initial_seconds=0.2
+        ) as ckpt:
+            state = ckpt.restore(reserve=reserve)
+            # Then restore waited it out and took the newest checkpoint, intact: nothing was
+            # skipped as corrupt, and it did not start fresh
+            assert proxy.dropped == 6 and proxy.failing == 0  # the outage did happen
+            assert ckpt.restored_step == 2 and ckpt.fresh_reason is None
+            assert torch.equal(state["w"], newest["w"])
+    finally:
+        proxy.close()
+
+
+def test_a_persistent_s3_outage_during_restore_fails_clearly_instead_of_starting_fresh(
+    tmp_path: Any, s3_server: tuple[str, Any]
+) -> None:
+    from trainctl.checkpoint import RestoreFailed
+
+    url, client = s3_server
+    _two_checkpoints(client, tmp_path)
+    host, port = url.removeprefix("http://").split(":")
+    proxy = SwitchableProxy((host, int(port)))
+    try:
+        # Given S3 reachable for the listing, then gone for good
+        storage = FaultyRestoreStorage(_proxied_client(proxy), proxy, "manifest", connections=10**9)
+        ckpt = Checkpointer(
+            storage,
+            job_id="restore",
+            staging_dir=str(tmp_path / "r"),
+            retry_initial_seconds=0.1,
+            restore_retry_seconds=1.0,
+        )
+        # Then restore fails with a typed error naming what it could not read
+        with pytest.raises(RestoreFailed, match=r"could not read checkpoint s3://.*000000000002-a0/"):
+            ckpt.restore()
+        assert ckpt.fresh_reason is None and ckpt.restored is None
+        ckpt.close(flush=False)
+    finally:
+        proxy.close()
+
+
+def test_a_checkpoint_file_missing_from_s3_is_skipped_at_once(
+    tmp_path: Any, s3_server: tuple[str, Any]
+) -> None:
+    _url, client = s3_server
+    _two_checkpoints(client, tmp_path)
+    # Given the newest checkpoint's data file gone (its manifest still there)
+    client.delete_object(Bucket=BUCKET, Key="restore/ckpt/000000000002-a0/state.bin")
+    storage = ck.S3CheckpointStorage(client, BUCKET, "restore")
+    # Then that is an invalid checkpoint, not an outage: skipped by name, no retries
+    with Checkpointer(
+        storage, job_id="restore", staging_dir=str(tmp_path / "r"), restore_retry_seconds=0.0
+    ) as ckpt:
+        state = ckpt.restore()
+        assert ckpt.restored_step == 1 and state["step"] == 1

@@ -248,6 +248,68 @@ def test_a_missing_named_resume_point_falls_back_to_older_steps(tmp_path: Path) 
     assert selection.checkpoint == C(100) and selection.considered == 1
 
 
+def _history_with_a_lagging_row(storage: MemoryStorage) -> None:
+    """Attempt 1 resumed from step 100 (attempt 0) and checkpointed up to step 400; retention
+    already removed step 200, the one the job row still names. Around it: a late upload
+    of the older attempt 0 at a higher step, and a newer attempt's checkpoint."""
+    storage.save(100, STATE)
+    storage.save(300, {"model.pt": b"attempt one, step 300"}, attempt=1)
+    storage.save(400, {"model.pt": b"attempt one, step 400"}, attempt=1)
+    storage.save(500, {"model.pt": b"stale attempt zero"}, attempt=0)  # a late upload (fork)
+    storage.save(450, {"model.pt": b"attempt three"}, attempt=3)  # not ours to take
+
+
+def test_a_missing_named_resume_point_takes_the_newest_checkpoint_of_its_own_attempt(
+    tmp_path: Path,
+) -> None:
+    # Given the row names step 200 of attempt 1, which retention already deleted
+    storage = MemoryStorage()
+    _history_with_a_lagging_row(storage)
+
+    selection = choose(storage, tmp_path, prefer=C(200, 1))
+
+    # Then restore continues the same history from its newest checkpoint, not from an
+    # older step (lost work), not from the older attempt's fork, not from a newer attempt
+    assert selection.checkpoint == C(400, 1) and selection.skipped == []
+
+
+def test_a_corrupt_named_resume_point_tries_its_attempts_newer_checkpoints_then_older_steps(
+    tmp_path: Path,
+) -> None:
+    storage = MemoryStorage()
+    _history_with_a_lagging_row(storage)
+    storage.save(200, STATE, attempt=1)
+    storage.objects[C(200, 1)]["model.pt"] = b"truncated"  # the named one is corrupt
+    storage.objects[C(400, 1)]["model.pt"] = b"bit rot"  # and so is the newest of attempt 1
+
+    selection = choose(storage, tmp_path, prefer=C(200, 1))
+
+    assert [s.checkpoint for s in selection.skipped] == [C(200, 1), C(400, 1)]
+    assert selection.checkpoint == C(300, 1)
+    # With every checkpoint of attempt 1 broken, an older step; never the forks above it
+    storage.objects[C(300, 1)]["model.pt"] = b"bit rot"
+    assert choose(storage, tmp_path, prefer=C(200, 1)).checkpoint == C(100)
+
+
+def test_candidates_after_the_named_resume_point_are_its_attempts_newer_ones_then_older_steps() -> None:
+    listed = [C(100), C(300, 1), C(400, 1), C(500, 0), C(450, 3), C(200, 1), C(200, 0), C(150, 1)]
+
+    assert ck.candidate_checkpoints(listed, prefer=C(200, 1)) == [
+        C(200, 1),
+        C(400, 1),
+        C(300, 1),
+        C(150, 1),
+        C(100),
+    ]
+    # Missing: the same order without it
+    assert ck.candidate_checkpoints([c for c in listed if c != C(200, 1)], prefer=C(200, 1)) == [
+        C(400, 1),
+        C(300, 1),
+        C(150, 1),
+        C(100),
+    ]
+
+
 def test_retention_plan_keeps_the_history_and_drops_a_superseded_attempts_forks() -> None:
     # Given attempt 2 continued from step 300 of attempt 1, keep=2
     listed = [C(100), C(200), C(300, 1), C(320, 2), C(340, 2), C(360, 2)]

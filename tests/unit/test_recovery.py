@@ -1,9 +1,10 @@
 """`Recovery`'s branches with in-memory fakes for its ports (no boto3, no moto).
 
-The fakes behave like the adapters they stand for: the job repository only finds a job
-by its *current* instance and applies a transition only if version, status and instance
-still match (else `ConcurrentUpdate` with the row as it is now); the resume launcher
-refuses a second execution of the same name, like Step Functions.
+The fakes behave like the adapters they stand for: the job repository finds a job by its
+*current* instance, or by the instance of its last recorded loss once it moved on, and
+applies a transition only if version, status and instance still match (else
+`ConcurrentUpdate` with the row as it is now); the resume launcher refuses a second
+execution of the same name, like Step Functions.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from typing import Any
 import pytest
 
 from trainctl_core import jobs
-from trainctl_core.errors import CheckpointRequestFailed, ConcurrentUpdate, InstanceUnreachable
+from trainctl_core.errors import (
+    CheckpointRequestFailed,
+    ConcurrentUpdate,
+    InstanceUnreachable,
+    WriteContention,
+)
 from trainctl_core.jobs import (
     CapacityPool,
     CheckpointKind,
@@ -51,6 +57,16 @@ class FakeJobs:
 
     def find_by_instance(self, instance_id: str) -> Job | None:
         return next((j for j in self.rows.values() if j.instance_id == instance_id), None)
+
+    def find_by_interrupted_instance(self, instance_id: str) -> Job | None:
+        return next(
+            (
+                j
+                for j in self.rows.values()
+                if j.interrupted_instance_id == instance_id and j.instance_id != instance_id
+            ),
+            None,
+        )
 
     def apply(self, transition: Transition) -> Job:
         self.before_write(transition)
@@ -198,7 +214,14 @@ def test_warning_checkpoints_first_then_records_then_starts(world: World) -> Non
     ]
     assert world.row.status == JobStatus.INTERRUPTED
     [record] = world.row.interruptions
-    assert (record.reason, record.noticed_at, record.event_id) == ("spot-warning", CLOCK, "evt-warning")
+    # Noticed when EC2 sent the warning, recorded when the handler got to it.
+    assert (record.reason, record.noticed_at, record.recorded_at, record.event_id) == (
+        "spot-warning",
+        NOTICED,
+        CLOCK,
+        "evt-warning",
+    )
+    assert world.row.interrupted_instance_id == INSTANCE
     assert world.resumes.started == {
         "job-1-0": {
             "job_id": "job-1",
@@ -462,8 +485,9 @@ def test_a_row_that_keeps_changing_fails_loudly_instead_of_looping(world: World)
         "job-1", world.row.model_copy(update={"version": world.row.version + 1})
     )
 
-    with pytest.raises(RuntimeError, match="gave up"):
+    with pytest.raises(WriteContention) as raised:
         world.warning()
+    assert (raised.value.job_id, raised.value.tries) == ("job-1", 3)
     assert world.resumes.calls == 0
 
 

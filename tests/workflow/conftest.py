@@ -26,7 +26,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 import boto3
 import pytest
 from moto import mock_aws
+from moto.dynamodb.exceptions import DynamodbException
 from moto.dynamodb.models import DynamoDBBackend
+from moto.dynamodb.responses import DynamoHandler
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models.instances import InstanceBackend
 from moto.stepfunctions.parser.asl.component.state.choice.comparison.operator.implementations.is_operator import (  # noqa: E501
@@ -37,12 +39,11 @@ from infra.workflows.render import WorkflowTuning, load_resume_definition, rende
 from trainctl_core import jobs
 from trainctl_core.jobs import CapacityPool, CheckpointRef, InterruptionReason, Job, JobSpec
 from trainctl_core.settings import (
-    JOBS_BY_INSTANCE_INDEX,
-    JOBS_INSTANCE_ATTRIBUTE,
     JOBS_PARTITION_KEY,
     TAG_ATTEMPT,
 )
 from trainctl_core.store import JobStore, format_time
+from trainctl_core.tables import jobs_table_request
 
 REGION = "us-east-1"
 MOTO_CONFIG: Any = {"stepfunctions": {"execute_state_machine": True}}
@@ -155,19 +156,67 @@ class LaunchFaults:
 
 
 @dataclass
+class RowFault:
+    """One refused job-row write: `error` is raised. With `land=True` the write is applied
+    first and only its answer is lost (a server error after the commit); `landed` is then
+    set, and the error waits for `release` when one is given, so a test can act in between."""
+
+    error: Exception
+    land: bool = False
+    landed: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event | None = None
+
+
+# DynamoDB's transient errors as the service sends them (moto raises what it is given).
+THROTTLED = DynamodbException(
+    "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",
+    "The level of configured provisioned throughput for the table was exceeded. Consider increasing your "
+    "provisioning level with the UpdateTable API.",
+)
+SERVER_ERROR = DynamodbException(
+    "com.amazonaws.dynamodb.v20120810#InternalServerError", "Internal server error"
+)
+
+# The job-row writes the workflow makes, told apart by their values.
+TOKEN_WRITE = "token"  # AwaitFinalCheckpoint (aws-sdk updateItem.waitForTaskToken)
+REPLACEMENT_WRITE = "replacement"  # RecordReplacement
+FAILED_WRITE = "failed"  # MarkFailed
+
+
+def _write_kind(values: dict[str, Any]) -> str | None:
+    if ":token" in values:
+        return TOKEN_WRITE
+    if values.get(":launching") == {"S": "LAUNCHING"}:
+        return REPLACEMENT_WRITE
+    if values.get(":failed") == {"S": "FAILED"}:
+        return FAILED_WRITE
+    return None
+
+
+@dataclass
 class TableFaults:
     """Job-row reads and writes the state machine makes that moto's DynamoDB should refuse.
 
-    Keyed by job id; each rule names the call (`get_item` with a projection of the
-    checkpoints, or the `update_item` that records a replacement) and the exception.
+    Keyed by job id: `checkpoint_reads` (the `get_item` of the checkpoints) and
+    `replacement_writes` refuse every such call; `scripts` refuse the next calls of one kind
+    of write (`TOKEN_WRITE`, ...), one `RowFault` per call, then let them through.
     """
 
     checkpoint_reads: dict[str, Exception] = field(default_factory=dict)
     replacement_writes: dict[str, Exception] = field(default_factory=dict)
+    scripts: dict[tuple[str, str], list[RowFault]] = field(default_factory=dict)
+
+    def script(self, job_id: str, kind: str, *faults: RowFault) -> None:
+        self.scripts[(job_id, kind)] = list(faults)
 
     def clear(self) -> None:
+        for script in self.scripts.values():
+            for fault in script:
+                if fault.release is not None:
+                    fault.release.set()
         self.checkpoint_reads.clear()
         self.replacement_writes.clear()
+        self.scripts.clear()
 
 
 @dataclass
@@ -444,10 +493,22 @@ def _patch_run_instances(faults: LaunchFaults) -> Any:
     return original
 
 
-def _patch_job_rows(faults: TableFaults) -> tuple[Any, Any]:
-    """Let a test refuse the workflow's checkpoint read or replacement write for one job."""
+# moto's DynamoDB is not thread-safe: a test reading a row (e.g. polling for the task token)
+# while the workflow's thread updates it can fail with "dictionary changed size during
+# iteration". Requests are served one at a time (DESIGN §5).
+_DYNAMODB_REQUESTS = threading.RLock()
+
+
+def _patch_job_rows(faults: TableFaults) -> tuple[Any, Any, Any]:
+    """Serialise DynamoDB requests, and let a test refuse the workflow's checkpoint read or
+    its writes of one job's row."""
     original_get = DynamoDBBackend.get_item
     original_update = DynamoDBBackend.update_item
+    original_call = DynamoHandler.call_action
+
+    def call_action(self: Any) -> Any:
+        with _DYNAMODB_REQUESTS:
+            return original_call(self)
 
     def get_item(self: Any, table_name: str, keys: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         job_id = str(keys.get(JOBS_PARTITION_KEY, {}).get("S", "")).removeprefix("JOB#")
@@ -460,14 +521,29 @@ def _patch_job_rows(faults: TableFaults) -> tuple[Any, Any]:
     def update_item(self: Any, table_name: str, key: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         job_id = str(key.get(JOBS_PARTITION_KEY, {}).get("S", "")).removeprefix("JOB#")
         values = kwargs.get("expression_attribute_values") or (args[2] if len(args) > 2 else {})
-        records_replacement = (values or {}).get(":launching") == {"S": "LAUNCHING"}
-        if records_replacement and job_id in faults.replacement_writes:
+        kind = _write_kind(values or {})
+        if kind == REPLACEMENT_WRITE and job_id in faults.replacement_writes:
             raise faults.replacement_writes[job_id]
+        script = faults.scripts.get((job_id, kind or ""))
+        if script:
+            fault = script.pop(0)
+            if fault.land:
+                original_update(self, table_name, key, *args, **kwargs)
+                fault.landed.set()
+                if fault.release is not None:
+                    # Let the test's own requests through while this one is held.
+                    _DYNAMODB_REQUESTS.release()
+                    try:
+                        fault.release.wait(timeout=30)
+                    finally:
+                        _DYNAMODB_REQUESTS.acquire()
+            raise fault.error
         return original_update(self, table_name, key, *args, **kwargs)
 
     DynamoDBBackend.get_item = get_item  # type: ignore[method-assign]
     DynamoDBBackend.update_item = update_item  # type: ignore[method-assign]
-    return original_get, original_update
+    DynamoHandler.call_action = call_action  # type: ignore[method-assign]
+    return original_get, original_update, original_call
 
 
 def _parse_rfc3339(value: str) -> datetime | None:
@@ -482,7 +558,7 @@ def cloud() -> Iterator[Cloud]:
     faults = LaunchFaults()
     table_faults = TableFaults()
     original = _patch_run_instances(faults)
-    original_get, original_update = _patch_job_rows(table_faults)
+    original_get, original_update, original_call = _patch_job_rows(table_faults)
     # moto parses Choice timestamps only as %Y-%m-%dT%H:%M:%SZ (no fractions, no offsets),
     # so every comparison with our millisecond timestamps is false there; AWS accepts
     # RFC 3339. Teach moto RFC 3339 so the wall-clock guard is exercised as on AWS.
@@ -497,6 +573,7 @@ def cloud() -> Iterator[Cloud]:
             InstanceBackend.run_instances = original  # type: ignore[method-assign]
             DynamoDBBackend.get_item = original_get  # type: ignore[method-assign]
             DynamoDBBackend.update_item = original_update  # type: ignore[method-assign]
+            DynamoHandler.call_action = original_call  # type: ignore[method-assign]
             IsTimestamp.string_to_timestamp = original_parse  # type: ignore[method-assign]
 
 
@@ -518,22 +595,7 @@ def _build_cloud(faults: LaunchFaults, table_faults: TableFaults) -> Cloud:
     iam = boto3.client("iam", region_name=REGION)
 
     table = "trainctl-jobs"
-    ddb.create_table(
-        TableName=table,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[
-            {"AttributeName": JOBS_PARTITION_KEY, "AttributeType": "S"},
-            {"AttributeName": JOBS_INSTANCE_ATTRIBUTE, "AttributeType": "S"},
-        ],
-        KeySchema=[{"AttributeName": JOBS_PARTITION_KEY, "KeyType": "HASH"}],
-        GlobalSecondaryIndexes=[
-            {
-                "IndexName": JOBS_BY_INSTANCE_INDEX,
-                "KeySchema": [{"AttributeName": JOBS_INSTANCE_ATTRIBUTE, "KeyType": "HASH"}],
-                "Projection": {"ProjectionType": "ALL"},
-            }
-        ],
-    )
+    ddb.create_table(**jobs_table_request(table, projection="ALL"))
     topic_arn = sns.create_topic(Name="trainctl-alerts")["TopicArn"]
     queue_url = sqs.create_queue(QueueName="trainctl-alerts-inbox")["QueueUrl"]
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][

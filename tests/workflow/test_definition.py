@@ -20,7 +20,11 @@ os.environ.setdefault("CDK_DISABLE_VERSION_CHECK", "1")
 
 from infra.app import build_app
 from infra.workflows.render import (
+    CALL_SECONDS,
+    MAX_EXECUTION_TIMEOUT_SECONDS,
     MAX_HANDSHAKE_TIMEOUT_SECONDS,
+    MAX_POOLS,
+    OTHER_STATES_SECONDS,
     WorkflowTuning,
     load_resume_definition,
     placeholders,
@@ -28,7 +32,7 @@ from infra.workflows.render import (
     substitutions,
 )
 from tests.workflow.conftest import CAPACITY_MESSAGES, TRANSIENT_MESSAGES
-from trainctl_core.jobs import InterruptionReason
+from trainctl_core.jobs import JOB_ID_PATTERN, CapacityPool, InterruptionReason, JobSpec
 from trainctl_core.settings import TAG_ATTEMPT, TAG_JOB_ID, TAG_MANAGED
 
 # What Step Functions itself needs for LogLevel.ALL delivery and X-Ray, added by CDK;
@@ -52,7 +56,7 @@ PLATFORM_ACTIONS = {
 # topic needs the key.
 IMPLIED_ACTIONS = {
     "ec2:RunInstances": {"ec2:CreateTags", "iam:PassRole"},
-    "sns:Publish": {"kms:Decrypt", "kms:GenerateDataKey*"},
+    "sns:Publish": {"kms:Decrypt", "kms:GenerateDataKey"},
 }
 CAPACITY_CODES = [
     "InsufficientInstanceCapacity",
@@ -94,13 +98,17 @@ def _states(definition: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
             yield from _states(state["ItemProcessor"])
 
 
-def _definition() -> dict[str, Any]:
+DEPLOYED_TUNING = WorkflowTuning()
+
+
+def _definition(tuning: WorkflowTuning = DEPLOYED_TUNING) -> dict[str, Any]:
     return render_resume(
         substitutions(
             jobs_table_name="jobs",
             alerts_topic_arn="arn:aws:sns:us-east-1:123456789012:alerts",
             launch_template_id="lt-0123456789abcdef0",
             launch_template_version="1",
+            tuning=tuning,
         )
     )
 
@@ -186,7 +194,7 @@ def test_role_grants_exactly_the_actions_the_definition_calls(template: dict[str
 
 def test_definition_is_jsonpath_only_without_lambda_or_variables() -> None:
     text = load_resume_definition()
-    definition = json.loads(text)
+    definition = _definition()
     assert definition.get("QueryLanguage", "JSONPath") == "JSONPath"
     for name, state in _states(definition):
         assert "Assign" not in state and state.get("QueryLanguage", "JSONPath") == "JSONPath", name
@@ -220,10 +228,14 @@ def _rule_holds(rule: dict[str, Any], error: dict[str, str], retries: int = 0) -
         return any(_rule_holds(r, error, retries) for r in rule["Or"])
     if "And" in rule:
         return all(_rule_holds(r, error, retries) for r in rule["And"])
+    if "Not" in rule:
+        return not _rule_holds(rule["Not"], error, retries)
     if rule["Variable"] == "$.launch.cursor.retries":
         assert rule["NumericLessThanPath"] == "$.launch.retry.limit"
         return retries < 2
     field = {"$.launch.error.Error": "Error", "$.launch.error.Cause": "Cause"}[rule["Variable"]]
+    if "IsPresent" in rule:
+        return (field in error) is rule["IsPresent"]
     return _string_matches(error[field], rule["StringMatches"])
 
 
@@ -282,7 +294,15 @@ def test_run_instances_asks_for_termination_on_shutdown_and_a_token_per_round() 
         parameters = states[launch]["Parameters"]
         assert parameters["InstanceInitiatedShutdownBehavior"] == "terminate"
         token = parameters["ClientToken.$"]
-        for part in ("$.job_id", "$.job.next_attempt", "$.launch.cursor.pool.label", "$.launch.round.n"):
+        for part in (
+            "$.job_id",
+            "$.job.next_attempt",
+            "$.launch.cursor.pool.label",
+            "$.launch.round.n",
+            # Another execution for the same attempt (an operator's re-run) must not be handed
+            # the instance an earlier execution launched (and may have terminated) with it.
+            "$$.Execution.Id",
+        ):
             assert part in token
         assert f"/{market}/" in token
 
@@ -347,3 +367,173 @@ def test_run_instances_is_the_third_transition_after_the_guard() -> None:
     launch_branch = states["Recover"]["Branches"][1]
     assert launch_branch["StartAt"] == "ConsiderPool"
     assert states["ConsiderPool"]["Default"] == "LaunchSpot"
+
+
+# --- the execution timeout covers the worst case ----------------------------------------------
+
+
+def test_the_execution_timeout_is_derived_from_the_tuning() -> None:
+    # A timed-out execution marks nothing FAILED, terminates nothing and alerts nobody: the
+    # deployed timeout must cover the longest legitimate recovery, whatever the tuning.
+    for tuning in (
+        WorkflowTuning(),
+        WorkflowTuning(launch_rounds=5, launch_backoff_seconds=600),  # 9000 s of round backoff alone
+        WorkflowTuning(launch_retries=10, launch_retry_seconds=1, launch_rounds=1),
+    ):
+        timeout = _definition(tuning)["TimeoutSeconds"]
+        assert timeout == tuning.execution_timeout_seconds
+        worst_launch = tuning.launch_calls(MAX_POOLS) * CALL_SECONDS + tuning.launch_wait_seconds(MAX_POOLS)
+        assert timeout >= max(worst_launch, MAX_HANDSHAKE_TIMEOUT_SECONDS) + OTHER_STATES_SECONDS
+    # The deployed defaults over a job's maximum of pools need more than the old fixed hour.
+    assert WorkflowTuning().execution_timeout_seconds > 3600
+
+
+def test_the_pool_bound_is_the_job_spec_limit() -> None:
+    pools = [
+        CapacityPool(instance_type=f"m5.{i}xlarge", subnet_id="subnet-0123abcd") for i in range(MAX_POOLS + 1)
+    ]
+    JobSpec(name="x", command=["true"], pools=pools[:MAX_POOLS])
+    with pytest.raises(ValueError, match="pools"):
+        JobSpec(name="x", command=["true"], pools=pools)
+
+
+def test_a_tuning_that_cannot_finish_within_a_day_is_refused_naming_its_settings() -> None:
+    with pytest.raises(ValueError) as refused:
+        WorkflowTuning(launch_rounds=10, launch_backoff_seconds=600)
+    message = str(refused.value)
+    for setting in (
+        "launch_rounds=10",
+        "launch_backoff_seconds=600",
+        "launch_retries=",
+        "launch_retry_seconds=",
+    ):
+        assert setting in message
+    assert f"{MAX_EXECUTION_TIMEOUT_SECONDS} s" in message
+
+
+def _retry_seconds(state: dict[str, Any]) -> tuple[int, float]:
+    """(calls, seconds waited) of a task whose every try fails with its retried errors."""
+    calls, waited = 1, 0.0
+    for retrier in state.get("Retry", []):
+        interval, rate = retrier.get("IntervalSeconds", 1), retrier.get("BackoffRate", 2.0)
+        attempts = retrier.get("MaxAttempts", 3)
+        calls += attempts
+        waited += sum(interval * rate**n for n in range(attempts))  # jitter only shortens these
+    return calls, waited
+
+
+def test_every_state_outside_the_launch_loop_fits_its_allowance() -> None:
+    states = dict(_states(_definition()))
+    # The launch loop's and the handshake's waits are counted separately (WorkflowTuning);
+    # they are the only waits in the definition.
+    assert {n for n, s in states.items() if s["Type"] == "Wait"} == {"RetryLaunchBackoff", "Backoff"}
+    assert [n for n, s in states.items() if "TimeoutSecondsPath" in s or "TimeoutSeconds" in s] == [
+        "AwaitFinalCheckpoint"
+    ]
+    assert states["AwaitFinalCheckpoint"]["TimeoutSecondsPath"] == "$.validated.handshake_timeout_seconds"
+    # Every other task, all on one path and failing every try: still within the allowance.
+    total = 0.0
+    for name, state in states.items():
+        if state["Type"] != "Task" or name in ("LaunchSpot", "LaunchOnDemand"):
+            continue
+        calls, waited = _retry_seconds(state)
+        total += calls * CALL_SECONDS + waited
+    assert total <= OTHER_STATES_SECONDS
+
+
+# --- transient DynamoDB errors are retried, a failed condition never ---------------------------
+
+# Step Functions names DynamoDB errors by integration: `DynamoDB.<name>` for the optimized
+# one, `DynamoDb.<name>Exception` for aws-sdk (the suffix is always added). moto names the
+# optimized integration's errors by their code (InternalServerError, RequestLimitExceeded).
+OPTIMIZED_TRANSIENT = {
+    "DynamoDB.ProvisionedThroughputExceededException",
+    "DynamoDB.ThrottlingException",
+    "DynamoDB.RequestLimitExceeded",
+    "DynamoDB.InternalServerError",
+    "DynamoDB.InternalServerErrorException",
+}
+SDK_TRANSIENT = {
+    "DynamoDb.ProvisionedThroughputExceededException",
+    "DynamoDb.ThrottlingException",
+    "DynamoDb.RequestLimitExceededException",
+    "DynamoDb.InternalServerErrorException",
+}
+
+
+def test_every_job_row_call_retries_transient_errors_but_never_a_failed_condition() -> None:
+    tasks = {n: s for n, s in _states(_definition()) if "dynamodb:" in s.get("Resource", "")}
+    assert "AwaitFinalCheckpoint" in tasks and "RecordReplacement" in tasks and "MarkFailed" in tasks
+    for name, state in tasks.items():
+        retried = {e for r in state.get("Retry", []) for e in r["ErrorEquals"]}
+        expected = SDK_TRANSIENT if ":aws-sdk:" in state["Resource"] else OPTIMIZED_TRANSIENT
+        assert expected <= retried, name
+        assert not any("ConditionalCheckFailed" in e or e.startswith("States.") for e in retried), name
+
+
+# --- SNS subjects fit SNS's limit ----------------------------------------------------------------
+
+SNS_SUBJECT_LIMIT = 100  # characters
+
+
+def test_every_subject_fits_in_the_worst_case() -> None:
+    # The longest job id (1-63 characters) and attempt (ValidateInput allows 10000, so 10001 next).
+    assert JOB_ID_PATTERN.match("a" * 63) and not JOB_ID_PATTERN.match("a" * 64)
+    worst = {"$.job_id": "a" * 63, "$.job.next_attempt": "10001"}
+    subjects = [
+        s["Parameters"]["Subject.$"]
+        for _, s in _states(_definition())
+        if "Subject.$" in s.get("Parameters", {})
+    ]
+    assert len(subjects) == 4  # launched, abandoned (twice), failed
+    for subject in subjects:
+        match = re.fullmatch(r"States\.Format\('([^']*)', (.+)\)", subject)
+        assert match, subject
+        template, args = match.group(1), [a.strip() for a in match.group(2).split(",")]
+        assert template.count("{}") == len(args)
+        text = template.replace("{}", "%s") % tuple(worst[a] for a in args)
+        assert len(text) <= SNS_SUBJECT_LIMIT, (subject, len(text))
+
+
+# --- an error object without a Cause cannot strand the job ------------------------------------
+
+
+def test_every_read_of_an_error_cause_is_of_a_completed_error_object() -> None:
+    # ASL makes an error's Cause optional; reading a missing field is a States.Runtime that no
+    # Catch takes, which would end the execution with the job left INTERRUPTED. Every Cause
+    # read is of an object that is either checked first or merged with the defaults.
+    definition = _definition()
+    states = dict(_states(definition))
+    reads: dict[str, set[str]] = {}
+    for name, state in states.items():
+        own = {k: v for k, v in state.items() if k not in ("Branches", "ItemProcessor")}
+        for path in re.findall(r"\$[\w.]*\.Cause\b", json.dumps(own)):
+            reads.setdefault(path.removesuffix(".Cause"), set()).add(name)
+    assert set(reads) == {"$.launch.error", "$.caught.error", "$.recovery.checkpoint.error"}
+
+    # $.launch.error (written by the launch tasks' Catch) is checked before anything reads it.
+    classify = states["ClassifyLaunchError"]
+    assert classify["Choices"][0]["Next"] == "LaunchErrorWithoutCause"
+    assert {r["Variable"]: r["IsPresent"] for r in classify["Choices"][0]["Not"]["And"]} == {
+        "$.launch.error.Error": True,
+        "$.launch.error.Cause": True,
+    }
+    assert reads["$.launch.error"] == {"ClassifyLaunchError", "LaunchFailed"}
+    nexts = [s.get("Next") for s in states.values()] + [
+        c.get("Next") for s in states.values() for c in s.get("Catch", [])
+    ]
+    assert "LaunchFailed" not in nexts  # reached only from ClassifyLaunchError's Default
+    assert classify["Default"] == "LaunchFailed"
+
+    # The others are built with States.JsonMerge over defaults that name both fields.
+    merge = "States.JsonMerge($.job.error_defaults, {}, false)"
+    for facts in ("LaunchFacts", "ResumeFacts"):
+        assert set(states[facts]["Parameters"]["error_defaults"]) == {"Error", "Cause"}
+    assert states["CheckpointsUnreadable"]["Parameters"]["error.$"] == merge.format("$.checkpoints_error")
+    writers = {n for n, s in states.items() if s.get("ResultPath") == "$.caught"}
+    assert writers == {"LaunchFailedError", "RecoveryFailedError", "RecordFailedError"}
+    for writer in writers:
+        assert states[writer]["Parameters"] == {"error.$": merge.format("$.error")}
+    for reader in reads["$.caught.error"]:
+        assert {n for n in writers if states[n]["Next"] == reader}, reader
+        assert reader not in [c["Next"] for s in states.values() for c in s.get("Catch", [])]

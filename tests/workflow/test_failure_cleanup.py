@@ -12,13 +12,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from moto.dynamodb.exceptions import DynamodbException, ItemSizeTooLarge
+from moto.stepfunctions.parser.asl.component.state.exec.execute_state import ExecutionState
 
-from tests.workflow.conftest import TRANSIENT_MESSAGES, Cloud, ended, resource_of
+from tests.workflow.conftest import (
+    FAILED_WRITE,
+    REPLACEMENT_WRITE,
+    SERVER_ERROR,
+    TEST_TUNING,
+    TRANSIENT_MESSAGES,
+    Cloud,
+    RowFault,
+    ended,
+    resource_of,
+)
 from trainctl_core import jobs
 from trainctl_core.jobs import InterruptionReason, Job, JobStatus
 from trainctl_core.store import format_time
@@ -29,9 +42,13 @@ KMS_DENIED = (
 )
 
 
-def _client_token(job_id: str, attempt: int, pool_label: str, market: str, round_n: int) -> str:
-    """The ClientToken the workflow derives (States.Hash SHA-1 of job/attempt/pool/market/round)."""
-    digest = hashlib.sha1(f"{job_id}/{attempt}/{pool_label}/{market}/{round_n}".encode()).hexdigest()
+def _client_token(
+    job_id: str, attempt: int, pool_label: str, market: str, round_n: int, execution: str
+) -> str:
+    """The ClientToken the workflow derives (SHA-1 of job/attempt/pool/market/round/execution ARN)."""
+    digest = hashlib.sha1(
+        f"{job_id}/{attempt}/{pool_label}/{market}/{round_n}/{execution}".encode()
+    ).hexdigest()
     return f"trainctl-{digest}"
 
 
@@ -247,7 +264,7 @@ def test_a_transient_ec2_error_is_retried_with_the_same_client_token(cloud: Clou
     key = (pools[1].instance_type, pools[1].subnet_id, "spot")
     assert cloud.faults.calls == [key, key]
     first, second = (r["client_token"] for r in cloud.faults.requests)
-    assert first == second == _client_token(job.job_id, job.attempt + 1, pools[1].label, "spot", 0)
+    assert first == second == _client_token(job.job_id, job.attempt + 1, pools[1].label, "spot", 0, arn)
     assert cloud.entered_states(arn).count("RetryLaunchBackoff") == 1
 
 
@@ -270,7 +287,7 @@ def test_each_backoff_round_uses_a_fresh_client_token(cloud: Cloud) -> None:
     per_round = 2 * len(pools)  # Spot over every pool, then on-demand over every pool
     assert len(requests) == 2 * per_round
     expected = [
-        _client_token(job.job_id, job.attempt + 1, r["pool"], r["market"], index // per_round)
+        _client_token(job.job_id, job.attempt + 1, r["pool"], r["market"], index // per_round, arn)
         for index, r in enumerate(requests)
     ]
     assert [r["client_token"] for r in requests] == expected
@@ -295,3 +312,215 @@ def test_the_notification_carries_the_notice_and_launch_times(cloud: Cloud) -> N
     launched = datetime.fromisoformat(body["launched_at"].replace("Z", "+00:00"))
     assert timedelta(0) <= launched - noticed < timedelta(minutes=1)
     assert "seconds" not in json.dumps(body)
+
+
+def test_a_new_execution_for_the_same_attempt_asks_ec2_with_its_own_client_token(cloud: Cloud) -> None:
+    # Given a recovery that launched, could not record its replacement (terminated it) and
+    # could not mark the job FAILED either: the row is still INTERRUPTED on attempt 0
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE)
+    cloud.table_faults.replacement_writes[job.job_id] = ItemSizeTooLarge()
+    cloud.table_faults.script(job.job_id, FAILED_WRITE, RowFault(ItemSizeTooLarge()))
+    cloud.faults.forget()
+    payload = cloud.workflow_input(job, "terminated-without-notice", deadline=None)
+    first = cloud.start(payload)
+    assert cloud.wait(first)["status"] == "FAILED"
+    (terminated,) = cloud.replacements(job.job_id, job.attempt + 1)
+    assert ended(terminated) and cloud.store.get(job.job_id).status is JobStatus.INTERRUPTED
+
+    # When the operator runs the recovery again under another name
+    cloud.table_faults.clear()
+    second = cloud.start(payload, name=f"{job.execution_name}-rerun")
+    described = cloud.wait(second)
+    assert described["status"] == "SUCCEEDED", described.get("cause")
+
+    # Then its RunInstances carries a token of its own: with the first one, EC2 would answer
+    # with the first execution's (terminated) instance, and that is what would be recorded
+    tokens = [r["client_token"] for r in cloud.faults.requests]
+    assert tokens == [
+        _client_token(job.job_id, job.attempt + 1, pools[1].label, "spot", 0, first),
+        _client_token(job.job_id, job.attempt + 1, pools[1].label, "spot", 0, second),
+    ]
+    assert tokens[0] != tokens[1] and all(len(token) <= 64 for token in tokens)
+    record = cloud.store.get(job.job_id)
+    assert record.status is JobStatus.LAUNCHING and record.instance_id != terminated["InstanceId"]
+
+
+def test_the_launch_loop_makes_exactly_the_calls_and_waits_the_tuning_budgets(cloud: Cloud) -> None:
+    # The execution timeout is derived from WorkflowTuning's count of the launch loop's
+    # calls and waits; here the real definition runs that worst case (every call throttled
+    # until the retries are spent, then refused for capacity, on Spot and on-demand, in
+    # every round) and the count is checked against what it did.
+    pools = cloud.pools("m5.large")
+    job = cloud.interrupted_job(
+        pools, allow_on_demand=True, reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE
+    )
+    throttled = ("raise", "RequestLimitExceeded", TRANSIENT_MESSAGES["RequestLimitExceeded"])
+    for market in ("spot", "on-demand"):
+        refused = (
+            "raise",
+            "InsufficientInstanceCapacity",
+            cloud.faults.capacity_message(pools[0], market, "InsufficientInstanceCapacity"),
+        )
+        per_round = [throttled] * TEST_TUNING.launch_retries + [refused]
+        cloud.faults.script(pools[0], market, *(per_round * TEST_TUNING.launch_rounds))
+    cloud.faults.forget()
+    arn = cloud.start(cloud.workflow_input(job, "terminated-without-notice", deadline=None))
+
+    described = cloud.wait(arn, timeout=90)
+    assert (described["status"], described["error"]) == ("FAILED", "trainctl.JobFailed")
+    assert "trainctl.CapacityExhausted" in described["cause"]
+    assert len(cloud.faults.calls) == TEST_TUNING.launch_calls(len(pools))
+    waited = 0
+    for event in cloud.history(arn):
+        entered = event.get("stateEnteredEventDetails")
+        if entered and entered["name"] in ("RetryLaunchBackoff", "Backoff"):
+            launch = json.loads(entered["input"])["launch"]
+            if entered["name"] == "RetryLaunchBackoff":
+                waited += launch["cursor"]["retry_wait_seconds"]
+            else:
+                waited += launch["round"]["backoff_seconds"]
+    assert waited == TEST_TUNING.launch_wait_seconds(len(pools))
+
+
+# --- writes whose answer is lost ----------------------------------------------------------------
+
+
+def test_a_record_that_landed_before_its_error_is_kept_not_terminated(cloud: Cloud) -> None:
+    # Given the record of the replacement lands but DynamoDB answers with a server error: the
+    # retry then fails its own condition (the first write moved the version)
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=30, reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE)
+    cloud.table_faults.script(job.job_id, REPLACEMENT_WRITE, RowFault(SERVER_ERROR, land=True))
+    arn = cloud.start(cloud.workflow_input(job, "terminated-without-notice", deadline=None))
+
+    # Then the workflow sees its own record on the row and carries on: the replacement the
+    # row names as LAUNCHING keeps running, and the recovery is announced once
+    described = cloud.wait(arn)
+    assert described["status"] == "SUCCEEDED", described.get("cause")
+    (replacement,) = cloud.replacements(job.job_id, job.attempt + 1)
+    assert not ended(replacement)
+    record = cloud.store.get(job.job_id)
+    assert (record.status, record.instance_id, record.attempt, record.version) == (
+        JobStatus.LAUNCHING,
+        replacement["InstanceId"],
+        job.attempt + 1,
+        job.version + 1,
+    )
+    assert record.resume_point is not None and (record.resume_point.kind, record.resume_point.step) == (
+        "fallback",
+        30,
+    )
+    assert [a.instance_id for a in record.attempts] == [job.instance_id, replacement["InstanceId"]]
+    failed = [e["taskFailedEventDetails"]["error"] for e in cloud.task_events(arn, "TaskFailed")]
+    assert failed == ["DynamoDB.InternalServerError", "DynamoDB.ConditionalCheckFailedException"]
+    entered = cloud.entered_states(arn)
+    assert "RecordLanded" in entered and "TerminateReplacement" not in entered
+    (message,) = cloud.messages(job.job_id)
+    assert (message["body"]["event"], message["body"]["instance_id"]) == (
+        "terminated-without-notice",
+        replacement["InstanceId"],
+    )
+
+
+def test_a_job_row_changed_before_it_could_be_marked_failed_is_alerted(cloud: Cloud) -> None:
+    # Given a launch that is about to fail (a non-capacity error) while the old instance,
+    # warned, still runs
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=10)
+    assert job.instance_id is not None
+    key = (pools[1].instance_type, pools[1].subnet_id, "spot")
+    gate = cloud.faults.hold(pools[1])
+    cloud.faults.fail(
+        pools[1], "spot", "InvalidParameterValue", "Value (ami-0) for parameter image is invalid."
+    )
+    cloud.faults.forget()
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=30))
+    try:
+        # When an operator ends the job meanwhile, so that the workflow's FAILED write is refused
+        deadline = time.monotonic() + 10
+        while key not in cloud.faults.calls:
+            assert time.monotonic() < deadline, "RunInstances was never called"
+            time.sleep(0.02)
+        cloud.store.apply(
+            jobs.mark_failed(cloud.store.get(job.job_id), reason="operator: bad data", now=jobs.utcnow())
+        )
+    finally:
+        gate.set()
+
+    # Then the operator's row stands, the now ownerless old instance is ended, and the
+    # operator is told what this execution could not record
+    described = cloud.wait(arn)
+    assert (described["status"], described["error"]) == ("FAILED", "trainctl.ConcurrentUpdate")
+    record = cloud.store.get(job.job_id)
+    assert (record.status, record.failure_reason) == (JobStatus.FAILED, "operator: bad data")
+    assert ended(cloud.instance(job.instance_id))
+    (message,) = cloud.messages(job.job_id)
+    assert message["subject"] == f"trainctl: {job.job_id} recovery abandoned"
+    body = message["body"]
+    assert body["event"] == "recovery-abandoned"
+    assert body["row"]["Item"]["status"]["S"] == "FAILED"
+    assert body["unrecorded_failure"]["failure_reason"].startswith("launch failed: trainctl.LaunchFailed: ")
+    assert body["old_instance"] == {"action": "terminated"}
+
+
+# --- an error object without a Cause -----------------------------------------------------------
+
+
+@pytest.fixture
+def errors_without_cause() -> Iterator[None]:
+    """Error objects as ASL allows them: an Error and no Cause (moto always adds one)."""
+    original = ExecutionState.__dict__["_construct_error_output_value"]
+
+    def without_cause(failure_event: Any) -> Any:
+        output = original.__func__(failure_event)
+        output.pop("Cause", None)
+        return output
+
+    ExecutionState._construct_error_output_value = staticmethod(without_cause)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ExecutionState._construct_error_output_value = original  # type: ignore[method-assign]
+
+
+@pytest.mark.usefixtures("errors_without_cause")
+def test_a_launch_error_without_a_cause_still_fails_the_job_cleanly(cloud: Cloud) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE)
+    cloud.faults.fail(
+        pools[1], "spot", "InvalidParameterValue", "Value (ami-0) for parameter image is invalid."
+    )
+    arn = cloud.start(cloud.workflow_input(job, "terminated-without-notice", deadline=None))
+
+    # Not a States.Runtime that strands the job INTERRUPTED: FAILED, with the reason it has
+    described = cloud.wait(arn)
+    assert (described["status"], described["error"]) == ("FAILED", "trainctl.JobFailed")
+    assert described["cause"] == "launch failed: trainctl.LaunchFailed: (no cause given)"
+    record = cloud.store.get(job.job_id)
+    assert (record.status, record.failure_reason) == (JobStatus.FAILED, described["cause"])
+    assert "LaunchErrorWithoutCause" in cloud.entered_states(arn)
+    (message,) = cloud.messages(job.job_id)
+    assert message["body"]["failure_reason"] == described["cause"]
+
+
+@pytest.mark.usefixtures("errors_without_cause")
+@pytest.mark.parametrize("failing", ["record", "checkpoints"])
+def test_a_failure_after_the_launch_without_a_cause_still_ends_the_replacement(
+    cloud: Cloud, failing: str
+) -> None:
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=50, reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE)
+    if failing == "record":
+        cloud.table_faults.replacement_writes[job.job_id] = ItemSizeTooLarge()
+        reason = "could not record the replacement on the job row: "
+    else:
+        cloud.table_faults.checkpoint_reads[job.job_id] = DynamodbException(*KMS_DENIED)
+        reason = "could not read the checkpoints on the job row: "
+    arn = cloud.start(cloud.workflow_input(job, "terminated-without-notice", deadline=None))
+
+    replacement = cloud.wait_for_instance(job.job_id, job.attempt + 1)
+    body = _assert_failed_cleanly(
+        cloud, job, arn, reason_starts=reason, replacement_id=replacement["InstanceId"]
+    )
+    assert body["failure_reason"].endswith(": (no cause given)")

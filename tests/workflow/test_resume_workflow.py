@@ -7,17 +7,31 @@ the execution history.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from tests.workflow.conftest import CAPACITY_MESSAGES, Cloud, ended, resource_of, tags_of
+from tests.workflow.conftest import (
+    CAPACITY_MESSAGES,
+    SERVER_ERROR,
+    THROTTLED,
+    TOKEN_WRITE,
+    Cloud,
+    RowFault,
+    ended,
+    resource_of,
+    tags_of,
+    utc,
+)
 from trainctl_core import jobs
-from trainctl_core.jobs import CapacityPool, InterruptionReason, Job, JobStatus
+from trainctl_core.jobs import CapacityPool, CheckpointRef, InterruptionReason, Job, JobStatus, format_time
 from trainctl_core.settings import TAG_ATTEMPT, TAG_JOB_ID, TAG_MANAGED
+from trainctl_core.workflow import Handshake, HandshakeError
 
 
 def _assert_recovered(
@@ -52,6 +66,7 @@ def _assert_recovered(
     assert shutdown["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
 
     (message,) = cloud.messages(job.job_id)
+    assert message["subject"] == f"trainctl: {job.job_id} attempt {record.attempt} launching"
     body = message["body"]
     assert body["instance_id"] == record.instance_id
     assert body["attempt"] == record.attempt
@@ -324,7 +339,7 @@ def _assert_guard_hit(cloud: Cloud, job: Job, arn: str, reason: str) -> None:
     assert "Recover" not in entered and "MarkFailed" in entered
     assert not [e for e in cloud.task_events(arn, "TaskScheduled") if resource_of(e) == "runInstances"]
     (message,) = cloud.messages(job.job_id)
-    assert message["subject"] == f"trainctl: job {job.job_id} FAILED"
+    assert message["subject"] == f"trainctl: {job.job_id} FAILED"
     assert (message["body"]["event"], message["body"]["failure_reason"]) == ("job-failed", reason)
 
 
@@ -658,3 +673,73 @@ def test_a_one_pool_job_relaunches_in_its_reclaimed_pool(cloud: Cloud) -> None:
     job = cloud.interrupted_job(pools)
     arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=1))
     _assert_recovered(cloud, job, arn, kind="none", step=None, pool=pools[0])
+
+
+# --- the token write is retried, and a late start does not wait ---------------------------------
+
+
+def test_a_throttled_token_write_is_retried_and_the_final_checkpoint_counts(cloud: Cloud) -> None:
+    # Given DynamoDB throttles the workflow's first attempt to store its task token
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=100)
+    cloud.table_faults.script(job.job_id, TOKEN_WRITE, RowFault(THROTTLED))
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=30))
+
+    # When the agent records its final checkpoint and answers the stored token
+    cloud.wait_for_token(job)
+    cloud.agent_checkpoint(job, 150, final=True)
+
+    # Then the job resumes from the final checkpoint, not the older periodic one
+    _assert_recovered(cloud, job, arn, kind="final", step=150, pool=pools[1])
+    failed = [e["taskFailedEventDetails"]["error"] for e in cloud.task_events(arn, "TaskFailed")]
+    assert failed == ["DynamoDb.ProvisionedThroughputExceededException"]
+
+
+def test_a_token_write_that_landed_before_its_error_cannot_lose_the_final_checkpoint(cloud: Cloud) -> None:
+    # Given the token write lands but DynamoDB answers with a server error, and the agent
+    # records its final checkpoint and answers that first token before the write is retried
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=100)
+    assert job.instance_id is not None
+    fault = RowFault(SERVER_ERROR, land=True, release=threading.Event())
+    cloud.table_faults.script(job.job_id, TOKEN_WRITE, fault)
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning", handshake_timeout_seconds=30))
+    assert fault.landed.wait(timeout=10)
+    ref = CheckpointRef(
+        step=150, prefix=f"{job.job_id}/ckpt/150/", attempt=job.attempt, created_at=jobs.utcnow()
+    )
+    row = cloud.store.record_checkpoint(
+        job.job_id, instance_id=job.instance_id, attempt=job.attempt, checkpoint=ref, final=True
+    )
+    # (the agent's answer to a spent token may be refused; the row is what counts)
+    with contextlib.suppress(HandshakeError):
+        Handshake(cloud.sfn).complete(row["task_token"], {"checkpoint": {"step": 150}})
+    fault.release.set()
+
+    # Then the retried write finds the checkpoint there (its condition fails) and uses it,
+    # rather than storing a second token nobody will answer and falling back
+    _assert_recovered(cloud, job, arn, kind="final", step=150, pool=pools[1])
+    failed = [e["taskFailedEventDetails"]["error"] for e in cloud.task_events(arn, "TaskFailed")]
+    assert failed == ["DynamoDb.InternalServerErrorException", "DynamoDb.ConditionalCheckFailedException"]
+    assert not any(e["type"] == "TaskTimedOut" for e in cloud.history(arn))
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["nothing-landed", "final-landed-in-time"])
+def test_a_start_after_the_deadline_does_not_wait_for_the_handshake(cloud: Cloud, landed: bool) -> None:
+    # Given a warning whose deadline has passed by the time the workflow starts (a late or
+    # retried start), with the input still asking for a long handshake
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, periodic_step=100)
+    if landed:
+        cloud.agent_checkpoint(job, 140, final=True)
+    payload = cloud.workflow_input(
+        job, "spot-warning", deadline=format_time(utc(-5)), handshake_timeout_seconds=1800
+    )
+    arn = cloud.start(payload)
+
+    # Then it reads what is durable at once: nobody is left to answer a token
+    if landed:
+        _assert_recovered(cloud, job, arn, kind="final", step=140, pool=pools[1])
+    else:
+        _assert_recovered(cloud, job, arn, kind="fallback", step=100, pool=pools[1])
+    assert "AwaitFinalCheckpoint" not in cloud.entered_states(arn)

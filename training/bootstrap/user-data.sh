@@ -23,6 +23,7 @@ KEY_ATTR="${JobsPartitionKey}"      # job rows are {KEY_ATTR: KEY_PREFIX<job id>
 KEY_PREFIX="${JobKeyPrefix}"
 PACKAGE="$AGENT_HOME/src"           # the unpacked source, installed with pip
 STAGING=/var/lib/trainctl/staging
+TORCH_VERSION=2.13.0                # = training/Dockerfile and pyproject's `train` extra
 ENV_FILE=/etc/trainctl/agent.env
 UNIT_FILE=/etc/systemd/system/trainctl-agent.service
 
@@ -35,10 +36,13 @@ rm -f /run/trainctl/shutdown-requested
 command -v python3.11 >/dev/null || dnf install -y -q python3.11
 
 # The agent on the host in both modes: `trainctl checkpoint-now` (the SSM document) runs
-# here and reaches the agent, in a container or not, over /run/trainctl/agent.sock.
+# here and reaches the agent, in a container or not, over /run/trainctl/agent.sock. The
+# package brings the checkpoint library's own dependencies (numpy, xxhash, boto3).
 rm -rf "$PACKAGE" && mkdir -p "$PACKAGE"
 python3.11 -m zipfile -e "$ARCHIVE" "$PACKAGE"
-python3.11 -m venv "$AGENT_HOME/venv"
+# System site-packages stay visible: an AMI that ships a framework for this Python (a
+# Deep Learning AMI's PyTorch) is used as is instead of being downloaded on every boot.
+python3.11 -m venv --system-site-packages "$AGENT_HOME/venv"
 "$AGENT_HOME/venv/bin/pip" install --quiet --upgrade pip
 "$AGENT_HOME/venv/bin/pip" install --quiet "$PACKAGE"
 ln -sf "$AGENT_HOME/venv/bin/trainctl" "$AGENT_BIN"
@@ -67,6 +71,7 @@ IMAGE="$(aws dynamodb get-item --region "$REGION" --table-name "$TABLE" --key "$
 if [ "$IMAGE" = "None" ]; then IMAGE=""; fi
 
 STOP_POST=""
+UNIT_PATH=""
 if [ -n "$IMAGE" ]; then
   command -v docker >/dev/null || dnf install -y -q docker
   systemctl start docker
@@ -94,6 +99,22 @@ SH
   STOP_POST="ExecStopPost=/usr/local/bin/trainctl-after-job"
 else
   EXEC="$AGENT_BIN agent"
+  # Host mode: the agent runs the job's command (`python train.py`) with this PATH, so
+  # its `python` is the venv's, which imports trainctl; systemd's default PATH finds no
+  # `python` at all (Amazon Linux has only its own python3, 3.9). In the unit, not in
+  # agent.env: that file is the container's environment too. Plus PyTorch, the
+  # examples' and integrations' framework, unless the AMI already has it: pinned like
+  # the image, the CUDA build on a GPU instance, else the CPU one. (Every boot of a
+  # replacement pays for this download: bake it into the AMI or name an image.)
+  UNIT_PATH="Environment=PATH=$AGENT_HOME/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
+  if "$AGENT_HOME/venv/bin/python" -c "import torch" >/dev/null 2>&1; then
+    :
+  elif nvidia-smi -L >/dev/null 2>&1; then
+    "$AGENT_HOME/venv/bin/pip" install --quiet "torch==$TORCH_VERSION"
+  else
+    "$AGENT_HOME/venv/bin/pip" install --quiet --index-url https://download.pytorch.org/whl/cpu \
+      "torch==$TORCH_VERSION"
+  fi
 fi
 
 cat > "$UNIT_FILE" <<UNIT
@@ -104,6 +125,7 @@ Wants=network-online.target
 
 [Service]
 EnvironmentFile=$ENV_FILE
+$UNIT_PATH
 WorkingDirectory=/var/lib/trainctl
 ExecStart=$EXEC
 $STOP_POST

@@ -97,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print(f"listening on {server.server_address[1]}", flush=True)
 
-    while not ckpt.requested:
-        ckpt.due(server.served)  # progress for the agent's heartbeats
+    while not ckpt.stop_requested:
+        if ckpt.due(server.served):  # also reports progress for the agent's heartbeats
+            # A checkpoint without a stop (rebalance recommendation): record where the
+            # server is and keep serving; only a notice drains it.
+            ckpt.save_now({"served": server.served}, server.served)
+            log.info("checkpointed at %d requests served; still serving", server.served)
         time.sleep(0.05)
     server.draining.set()
     log.info("notice received: refusing new requests, draining %d in flight", server.in_flight)

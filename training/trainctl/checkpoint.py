@@ -23,6 +23,16 @@ urgent again, and the `durable` message to the agent names the newest agent requ
 answers, so the agent never takes a snapshot from before a notice for the notice's
 checkpoint.
 
+Saving step N again when N is already durable under this attempt's key (a periodic save
+at N, then the final `save_now` at N) never rewrites it in place: identical files are
+not uploaded again, and different ones are written only after the old manifest is
+gone, so a crash mid-way never leaves an old manifest over new files.
+
+Restore reads storage with a bounded retry for errors that say nothing about the
+checkpoint (network, throttling; `StorageError`); only a missing or invalid manifest, a
+missing file or a size/hash mismatch makes it skip a checkpoint, and an outage that
+outlasts the retries raises `RestoreFailed` rather than starting fresh.
+
 Fencing (DESIGN §2): under the agent (`TRAINCTL_ATTEMPT` and the agent socket set)
 nothing is written to storage unless the agent confirms this attempt is still the job's
 current one, asked before the files and again before the manifest; no answer means no
@@ -42,7 +52,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from trainctl import runtime_env as env
 from trainctl.snapshot import (
@@ -69,12 +79,23 @@ from trainctl_core.jobs import CheckpointRef
 
 logger = logging.getLogger("trainctl.checkpoint")
 
+_T = TypeVar("_T")
+
 FILES_DIR = "files"
 """Directory-mode files (HF/Lightning checkpoint folders) live under this sub-path."""
 
 
 class CheckpointFailed(RuntimeError):
-    """An urgent checkpoint did not become durable in time."""
+    """An urgent checkpoint could not be written or did not become durable in time."""
+
+
+class CheckpointTimeout(CheckpointFailed):
+    """An urgent checkpoint was not durable by its deadline (the request's or `timeout`)."""
+
+
+class RestoreFailed(RuntimeError):
+    """The checkpoint storage could not be read (for longer than the retries allow, or
+    refused): restore neither guesses nor starts fresh over checkpoints that may be intact."""
 
 
 class FenceUnanswered(RuntimeError):
@@ -115,6 +136,8 @@ class DurableCheckpoint:
 class Restored:
     step: int
     manifest: Manifest
+    # Relative path -> local file. A copy fetched from remote storage lasts until
+    # `release_restored_files` (which `restore` calls once the state is loaded).
     paths: dict[str, str]
 
     @property
@@ -155,7 +178,10 @@ class _Save:
     result: DurableCheckpoint | None = None
     error: BaseException | None = None
     dropped: bool = False
+    # Set last, under the lock, once `files` name the staged paths: the uploader takes
+    # an urgent save as soon as it sees `staged`.
     staged: str | None = None
+    deadline: float | None = None  # urgent: epoch seconds it must be durable by, if known
 
 
 class Checkpointer:
@@ -180,8 +206,17 @@ class Checkpointer:
         direct_io: bool = True,
         retry_initial_seconds: float = 1.0,
         retry_max_seconds: float = 30.0,
+        save_timeout_seconds: float | None = 1800.0,
+        restore_retry_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`keep`: how many checkpoints retention keeps; never fewer than 2, because the job
+        row may still name the one before the newest. `save_timeout_seconds`: how long
+        `save_now` waits when neither its `timeout` nor a pending request's deadline bounds
+        it (None: until durable). `restore_retry_seconds`: how long restore retries storage
+        that cannot be read before it raises `RestoreFailed`."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1 (got {keep})")
         self.storage = storage
         self.job_id = job_id
         self.attempt = attempt
@@ -205,6 +240,8 @@ class Checkpointer:
         self.direct_io = direct_io
         self._retry_initial = retry_initial_seconds
         self._retry_max = retry_max_seconds
+        self._save_timeout = save_timeout_seconds
+        self._restore_retry = restore_retry_seconds
         self._clock = clock
         self._snapshotter = Snapshotter()
         self._cv = threading.Condition()
@@ -440,28 +477,68 @@ class Checkpointer:
     ) -> DurableCheckpoint:
         """Checkpoint `step` with priority and return once its manifest is durable.
 
-        It answers every request that arrived before its snapshot. Without `timeout` it
-        waits until the earliest deadline among those requests (if any), then raises
-        `CheckpointFailed`, as it does when the checkpoint cannot be written.
+        It answers every request that arrived before its snapshot. It waits at most
+        `timeout` seconds; without one, until the earliest deadline among those requests,
+        and without any deadline `save_timeout_seconds` (default 30 min; None: until
+        durable). That bound covers waiting for the host buffer too. Past it,
+        `CheckpointTimeout` is raised; `CheckpointFailed` (its base class) also when the
+        checkpoint cannot be written. A checkpoint that timed out keeps being retried in
+        the background until it lands or a later urgent save replaces it.
+
+        If `step` is already durable under this attempt with the same files (a periodic
+        save at `step`, then this one), it is returned without being uploaded again.
         """
         started = self._clock()
+        explicit = timeout is not None
+        bound = "" if explicit else " (the deadline of the request it answers)"
+        if timeout is None:
+            # Provisional (the requests so far): it also bounds the wait for the buffer.
+            timeout = self._deadline_timeout(self._latest_request())
+            if timeout is None:
+                timeout, bound = self._save_timeout, " (save_timeout_seconds)"
+        limit = None if timeout is None else started + timeout
+        job: _Save | None = None
         with self._cv:
             # Only one host buffer: wait for a periodic write to release it (seconds at
-            # most) instead of allocating a second, cold one.
+            # most, unless the disk hangs: hence the bound) instead of allocating a second,
+            # cold one.
             while state is not None and self._buffer_busy:
-                self._cv.wait(0.1)
-            self._last_save_at = self._clock()
+                if limit is not None and self._clock() >= limit:
+                    break
+                self._cv.wait(0.1 if limit is None else max(0.0, min(0.1, limit - self._clock())))
             # Read before the snapshot: a request arriving after it is not answered by it.
             covers = self._latest_request()
-            job = self._snapshot_locked(state, step, extra, directory, urgent=True, covers=covers)
-        bound = "" if timeout is not None else " (the deadline of the request it answers)"
-        if timeout is None:
-            timeout = self._deadline_timeout(covers)
-        remaining = None if timeout is None else max(0.0, timeout - (self._clock() - started))
+            if not (state is not None and self._buffer_busy):
+                self._last_save_at = self._clock()
+                job = self._snapshot_locked(
+                    state, step, extra, directory, urgent=True, covers=covers, deadline=self._epoch_of(limit)
+                )
+        if job is None:
+            self._failed(
+                covers,
+                self._answers(covers),
+                f"checkpoint at step {step} not started within {timeout:.1f} s{bound}: "
+                "the previous snapshot is still being written",
+                timeout=True,
+            )
+        if not explicit:
+            # A request that arrived while waiting for the buffer may be due sooner.
+            later = self._deadline_timeout(covers)
+            if later is not None and (limit is None or self._clock() + later < limit):
+                limit = self._clock() + later
+                bound = " (the deadline of the request it answers)"
+            job.deadline = self._epoch_of(limit)  # read by the uploader's retry back-off
+        remaining = None if limit is None else max(0.0, limit - self._clock())
         if not job.done.wait(remaining):
-            self._failed(job, f"checkpoint at step {step} not durable within {timeout:.1f} s{bound}")
+            assert limit is not None
+            self._failed(
+                job.covers,
+                job.answers,
+                f"checkpoint at step {step} not durable within {limit - started:.1f} s{bound}",
+                timeout=True,
+            )
         if job.error is not None:
-            self._failed(job, f"checkpoint at step {step} failed: {job.error}", job.error)
+            self._failed(job.covers, job.answers, f"checkpoint at step {step} failed: {job.error}", job.error)
         assert job.result is not None
         self._answered = max(self._answered, covers)
         return job.result
@@ -476,13 +553,29 @@ class Checkpointer:
         # At least a moment: a deadline already past (clock skew) still gets one try.
         return max(1.0, min(deadlines) - time.time())
 
-    def _failed(self, job: _Save, reason: str, cause: BaseException | None = None) -> NoReturn:
+    def _epoch_of(self, moment: float | None) -> float | None:
+        """A moment on `clock` as epoch seconds (the unit of request deadlines)."""
+        return None if moment is None else time.time() + (moment - self._clock())
+
+    def _answers(self, covers: int) -> int | None:
+        """The newest agent request (its `ref`) among those up to `covers`."""
+        return max((r.ref for r in self._requests if r.seq <= covers and r.ref is not None), default=None)
+
+    def _failed(
+        self,
+        covers: int,
+        answers: int | None,
+        reason: str,
+        cause: BaseException | None = None,
+        *,
+        timeout: bool = False,
+    ) -> NoReturn:
         # The requests it answered are answered, with a failure: the agent hears it now
         # (its `checkpoint-now` fails at once) and they no longer make every save urgent.
-        self._answered = max(self._answered, job.covers)
-        if self.link is not None and job.answers is not None:
-            self.link.send({"op": "checkpoint-failed", "answers": job.answers, "error": reason})
-        raise CheckpointFailed(reason) from cause
+        self._answered = max(self._answered, covers)
+        if self.link is not None and answers is not None:
+            self.link.send({"op": "checkpoint-failed", "answers": answers, "error": reason})
+        raise (CheckpointTimeout if timeout else CheckpointFailed)(reason) from cause
 
     def _snapshot_locked(
         self,
@@ -493,6 +586,7 @@ class Checkpointer:
         *,
         urgent: bool,
         covers: int = 0,
+        deadline: float | None = None,
     ) -> _Save:
         snapshot = None
         if state is not None:
@@ -505,9 +599,8 @@ class Checkpointer:
         job = _Save(step=step, urgent=urgent, snapshot=snapshot, directory=directory, extra=dict(extra or {}))
         if urgent:
             job.covers = covers
-            job.answers = max(
-                (r.ref for r in self._requests if r.seq <= covers and r.ref is not None), default=None
-            )
+            job.answers = self._answers(covers)
+            job.deadline = deadline
             # Cancel any periodic upload in progress: the link is for this one now.
             self._upload_urgent = job
         self._write_queue.append(job)
@@ -614,17 +707,24 @@ class Checkpointer:
                     job.files.append(
                         (local, ManifestFile(path=f"{FILES_DIR}/{relative}", size=size, xxh3_128=digest))
                     )
-        # Atomic rename: a staged checkpoint either exists whole or not at all.
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        job.staged = final
-        job.files = [
+        staged_files = [
             (
                 os.path.join(final, os.path.relpath(local, tmp)) if local.startswith(tmp + os.sep) else local,
                 entry,
             )
             for local, entry in job.files
         ]
+        # Atomic rename: a staged checkpoint either exists whole or not at all. The files
+        # are fsynced as written; their names (in tmp) and the rename (in staging) are
+        # durable only once the directories holding them are.
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(self.staging_dir)
+        with self._cv:
+            # `staged` last: the uploader may take an urgent save the moment it is set.
+            job.files = staged_files
+            job.staged = final
 
     # --- background: upload ---------------------------------------------------------------------
 
@@ -677,8 +777,9 @@ class Checkpointer:
             except Exception as exc:
                 # botocore already retried the single request; this is the checkpoint-level
                 # retry (training continues meanwhile) until it lands or a newer one replaces it.
+                wait = retry_wait(delay, urgent=job.urgent, deadline=job.deadline, now=time.time())
                 logger.warning(
-                    "checkpoint upload of step %s failed, retrying in %.0f s: %s", job.step, delay, exc
+                    "checkpoint upload of step %s failed, retrying in %.1f s: %s", job.step, wait, exc
                 )
                 with self._cv:
                     self._uploading = False
@@ -686,7 +787,7 @@ class Checkpointer:
                         job.error = exc
                         job.done.set()
                         return
-                    self._cv.wait(delay)
+                    self._cv.wait(wait)
                 delay = min(delay * 2, self._retry_max)
                 continue
             delay = self._retry_initial
@@ -734,12 +835,6 @@ class Checkpointer:
         # Before the files too: a superseded attempt (a stopped instance come back) writes
         # nothing at all, not even files without a manifest.
         self._fence()
-        files = [(local, entry.path) for local, entry in job.files]
-        self.storage.put_files(checkpoint, files, cancelled)
-        if cancelled():
-            return None
-        # Again before the manifest: the hand-over may have happened during the upload.
-        self._fence()
         manifest = Manifest(
             job_id=self.job_id,
             step=job.step,
@@ -750,13 +845,53 @@ class Checkpointer:
             files=[entry for _, entry in job.files],
             extra=job.extra,
         )
+        existing = self._published(checkpoint)
+        if existing is not None and _same_files(existing, manifest):
+            # This step is already durable under this key with these very files (a
+            # periodic save at N, then the final save_now at N): uploading them again
+            # would only open a window in which the old manifest and half-replaced files
+            # disagree. The checkpoint there *is* this one.
+            if existing.model_copy(update={"created_at": manifest.created_at}) == manifest:
+                logger.info("checkpoint at step %s is already durable with the same content", job.step)
+                return self._durable(job, existing)
+            self._fence()
+            self.storage.put_manifest(checkpoint, manifest.to_json())  # one atomic PUT
+            return self._durable(job, manifest)
+        if existing is not None:
+            # Other content at a durable step: retract the old checkpoint first (manifest
+            # first), so a crash mid-rewrite leaves files without a manifest (no checkpoint:
+            # restore takes the previous one), never an old manifest over new files.
+            logger.warning(
+                "checkpoint at step %s is already durable with other content: replacing it", job.step
+            )
+            self.storage.delete(checkpoint)
+        files = [(local, entry.path) for local, entry in job.files]
+        self.storage.put_files(checkpoint, files, cancelled)
+        if cancelled():
+            return None
+        # Again before the manifest: the hand-over may have happened during the upload.
+        self._fence()
         self.storage.put_manifest(checkpoint, manifest.to_json())
+        return self._durable(job, manifest)
+
+    def _published(self, checkpoint: CheckpointId) -> Manifest | None:
+        """The valid manifest already under `checkpoint`'s key, if any (None for a new step)."""
+        raw = self.storage.read_manifest(checkpoint)
+        if raw is None:
+            return None
+        try:
+            return layout.parse_manifest_at(raw, checkpoint, job_id=self.job_id)
+        except layout.InvalidManifest:
+            return None  # not a checkpoint: whatever files are there may be overwritten
+
+    def _durable(self, job: _Save, manifest: Manifest) -> DurableCheckpoint:
+        checkpoint = CheckpointId(manifest.step, manifest.attempt)
         return DurableCheckpoint(
-            step=job.step,
+            step=manifest.step,
             location=self.storage.describe(checkpoint),
             prefix=layout.checkpoint_prefix(self.job_id, checkpoint),
-            attempt=self.attempt,
-            created_at=job.created_at,
+            attempt=manifest.attempt,
+            created_at=manifest.created_at,
             urgent=job.urgent,
             size=manifest.total_bytes,
         )
@@ -800,22 +935,19 @@ class Checkpointer:
             protect = [c for c in listed if c.step == self.resume_step]
         # Newer attempts' checkpoints are never ours to judge (or delete): do not read them.
         valid = [c for c in listed if c.attempt <= self.attempt and self._manifest_ok(c)]
+        # At least two, whatever `keep` says: the agent records a checkpoint on the job row
+        # only after it is durable (and may be slow to), so right after checkpoint N the row
+        # may still name N-1, and an interruption now must find it. (Should the row lag
+        # further, restore takes the newer checkpoints of the attempt the row names.)
         victims = layout.retention_plan(
-            listed, valid, keep=self.keep, attempt=self.attempt, anchor=anchor, protect=protect
+            listed, valid, keep=max(self.keep, 2), attempt=self.attempt, anchor=anchor, protect=protect
         )
         for checkpoint in victims:
             logger.info("retention: deleting checkpoint %s", checkpoint)
             self.storage.delete(checkpoint)
 
     def _manifest_ok(self, checkpoint: CheckpointId) -> bool:
-        raw = self.storage.read_manifest(checkpoint)
-        if raw is None:
-            return False
-        try:
-            layout.parse_manifest_at(raw, checkpoint, job_id=self.job_id)
-        except layout.InvalidManifest:
-            return False
-        return True
+        return self._published(checkpoint) is not None
 
     def _clean_staging(self, keep: str | None, below_step: int) -> None:
         """Remove staged checkpoints older than the one just made durable.
@@ -836,10 +968,10 @@ class Checkpointer:
     def restore(self, into: Any = None, *, reserve: bool = True) -> Any:
         """The state of the newest checkpoint that verifies, or None (starting fresh).
 
-        Checkpoints that fail verification are skipped with a log line naming them. With a
-        resume step from the job row, newer checkpoints (a superseded attempt's late
-        upload) are not considered. With `into` (the live state tree, same structure),
-        tensors are written into the live tensors in place.
+        Checkpoints that fail verification are skipped with a log line naming them; see
+        `restore_checkpoint` for which ones are considered and for storage errors. With
+        `into` (the live state tree, same structure), tensors are written into the live
+        tensors in place. A local copy fetched from S3 is deleted once the state is loaded.
 
         With `reserve` (default) the data file is verified and read in one O_DIRECT pass
         into the host buffer the next save needs anyway, then copied into place: one disk
@@ -857,11 +989,15 @@ class Checkpointer:
                 return None
             if SKELETON_FILE not in restored.paths:
                 return {}
+            size = os.path.getsize(restored.paths[DATA_FILE])
             if buffered and self._buffer_step == restored.step:
-                return load_snapshot_from_buffer(
+                state = load_snapshot_from_buffer(
                     restored.paths[SKELETON_FILE], self._snapshotter.buffer, into=into
                 )
-            state = load_snapshot(restored.paths, into=into)
+            else:
+                state = load_snapshot(restored.paths, into=into)
+            # In live tensors now: the fetched copy would only hold disk space all run.
+            self.release_restored_files()
         finally:
             if buffered:
                 with self._cv:
@@ -870,27 +1006,57 @@ class Checkpointer:
         if reserve:
             # The next save snapshots a state of about this size: ready the buffer off the
             # training thread now.
-            self.reserve(os.path.getsize(restored.paths[DATA_FILE]))
+            self.reserve(size)
         return state
 
+    @property
+    def _restore_root(self) -> str:
+        return os.path.join(self.staging_dir, "restore")
+
+    def release_restored_files(self) -> None:
+        """Delete the local copy `restore_checkpoint` fetched from remote storage, once the
+        framework has loaded it (`restore` does this itself; the Hugging Face callback after
+        the first step). Files read in place (local storage) are never touched."""
+        shutil.rmtree(self._restore_root, ignore_errors=True)
+
     def restore_checkpoint(self, *, _into_buffer: bool = False) -> Restored | None:
-        """Find, fetch and verify the newest valid checkpoint; its files stay local."""
-        restore_root = os.path.join(self.staging_dir, "restore")
+        """Find, fetch and verify the newest valid checkpoint; its files stay local.
+
+        Candidates, newest first: the resume point the job row names, then the newer
+        checkpoints of its attempt (the same history, not yet on the row), then older
+        steps; never a checkpoint of an attempt newer than this one, nor, above the resume
+        step, one of another attempt (a superseded attempt's late upload). Without a
+        named checkpoint but with a resume step, nothing above that step.
+
+        A checkpoint is skipped (logged by name) only if it is invalid: no manifest, a
+        manifest that does not parse or describes another checkpoint, a missing file, a
+        size or hash mismatch. Storage that cannot be read is retried; one that stays
+        unreadable for `restore_retry_seconds`, or refuses (access denied), raises
+        `RestoreFailed`: starting fresh over checkpoints that may be intact would throw
+        the run away.
+        """
+        restore_root = self._restore_root
         shutil.rmtree(restore_root, ignore_errors=True)
         found: dict[CheckpointId, tuple[Manifest, dict[str, str]]] = {}
         self._buffer_step = None
+        give_up_at = self._clock() + self._restore_retry
 
         def verify(checkpoint: CheckpointId) -> str | None:
             if checkpoint.attempt > self.attempt:
                 # Checked on the key, before anything is fetched: the manifest must agree.
                 return f"written by attempt {checkpoint.attempt}, newer than this attempt {self.attempt}"
             dest = os.path.join(restore_root, checkpoint.name)
-            outcome = (
-                self._verify_into_buffer(checkpoint, dest)
-                if _into_buffer
-                else layout.verify_checkpoint(self.storage, checkpoint, job_id=self.job_id, dest_dir=dest)
+
+            def check() -> tuple[Manifest, dict[str, str]] | str:
+                if _into_buffer:
+                    return self._verify_into_buffer(checkpoint, dest)
+                return layout.verify_checkpoint(self.storage, checkpoint, job_id=self.job_id, dest_dir=dest)
+
+            outcome = self._read_storage(
+                f"read checkpoint {self.storage.describe(checkpoint)}", check, give_up_at
             )
             if isinstance(outcome, str):
+                shutil.rmtree(dest, ignore_errors=True)  # a fetched invalid copy: no use
                 return outcome
             manifest, paths = outcome
             found[checkpoint] = (manifest, paths)
@@ -903,10 +1069,11 @@ class Checkpointer:
                 "checkpoint skipped: %s: %s", self.storage.describe(skipped.checkpoint), skipped.reason
             )
 
-        listed = self.storage.list_checkpoints()
+        listed = self._read_storage("list the checkpoints", self.storage.list_checkpoints, give_up_at)
         if self.resume is not None and self.resume not in listed:
             logger.warning(
-                "the job's resume point %s is not in %s: looking for an older one",
+                "the job's resume point %s is not in %s: looking for a newer checkpoint of its "
+                "attempt, else an older one",
                 self.resume,
                 self.storage.describe(self.resume),
             )
@@ -928,6 +1095,35 @@ class Checkpointer:
         logger.info("restoring checkpoint %s from %s", chosen, self.storage.describe(chosen))
         return self.restored
 
+    def _read_storage(self, what: str, read: Callable[[], _T], give_up_at: float) -> _T:
+        """`read()`, retried while storage is unreachable, until `give_up_at` (on `clock`).
+
+        Not stacked on botocore's retries for nothing: botocore retries each request a few
+        times over seconds (standard mode, trainctl_core.clients); this covers an outage
+        longer than that, such as a replacement instance whose network or instance-profile
+        credentials are not up yet, or an S3 brownout. The alternatives (crash, or skip
+        a checkpoint that may be intact and start fresh) lose the run, so it is worth
+        minutes, bounded, with back-off. Refusals (access denied) are not retried.
+        """
+        delay = self._retry_initial
+        while True:
+            try:
+                return read()
+            except layout.StorageError as exc:
+                left = give_up_at - self._clock()
+                if not exc.retryable or left <= 0:
+                    stop = (
+                        "refused" if not exc.retryable else f"still failing after {self._restore_retry:.0f} s"
+                    )
+                    raise RestoreFailed(
+                        f"could not {what} ({stop}): {exc}. Not starting fresh: the checkpoints "
+                        "may be intact; fix access to the storage and run again"
+                    ) from exc
+                wait = min(delay, left)
+                logger.warning("could not %s, retrying in %.1f s: %s", what, wait, exc)
+                time.sleep(wait)
+                delay = min(delay * 2, self._retry_max)
+
     def _verify_into_buffer(
         self, checkpoint: CheckpointId, dest_dir: str
     ) -> tuple[Manifest, dict[str, str]] | str:
@@ -935,14 +1131,14 @@ class Checkpointer:
         into the host buffer (one pass): same checks, same reasons."""
         raw = self.storage.read_manifest(checkpoint)
         if raw is None:
-            return "missing manifest (incomplete or killed mid-upload)"
+            return layout.MISSING_MANIFEST
         try:
             manifest = layout.parse_manifest_at(raw, checkpoint, job_id=self.job_id)
         except layout.InvalidManifest as exc:
             return str(exc)
         try:
             paths = self.storage.fetch(checkpoint, manifest.files, dest_dir)
-        except (layout.FetchFailed, OSError) as exc:
+        except layout.FetchFailed as exc:
             return str(exc)
         for entry in manifest.files:
             if entry.path != DATA_FILE:
@@ -960,6 +1156,39 @@ class Checkpointer:
             if digest != entry.xxh3_128:
                 return f"file {entry.path} hash {digest} != manifest {entry.xxh3_128}"
         return manifest, paths
+
+
+URGENT_RETRY_MAX_SECONDS = 2.0
+"""An urgent upload's retries never wait longer than this: someone is waiting for it."""
+
+
+def retry_wait(delay: float, *, urgent: bool, deadline: float | None, now: float) -> float:
+    """How long the uploader waits before retrying a failed upload.
+
+    Periodic uploads back off exponentially (`delay`, up to `retry_max_seconds`): training
+    goes on meanwhile. An urgent one waits at most `URGENT_RETRY_MAX_SECONDS` and, when
+    its deadline (epoch seconds; e.g. the Spot notice's) is known, at most an eighth of
+    the time left: inside a 2-minute notice a back-off grown to 30 s would leave one or
+    two tries, a short one leaves many.
+    """
+    if not urgent:
+        return delay
+    wait = min(delay, URGENT_RETRY_MAX_SECONDS)
+    if deadline is not None:
+        wait = min(wait, max(0.05, (deadline - now) / 8))
+    return wait
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _same_files(a: Manifest, b: Manifest) -> bool:
+    return sorted(a.files, key=lambda f: f.path) == sorted(b.files, key=lambda f: f.path)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from trainctl_core.jobs import CapacityPool, JobLimits, JobSpec
@@ -69,16 +77,14 @@ class PoolGrid(BaseModel):
     @classmethod
     def _types(cls, values: list[str]) -> list[str]:
         for value in values:
-            if not re.match(_INSTANCE_TYPE, value):
-                raise ValueError(f"{value!r} is not an EC2 instance type (like g5.xlarge)")
+            _check_instance_type(value)
         return values
 
     @field_validator("subnets")
     @classmethod
     def _subnets(cls, values: list[str] | None) -> list[str] | None:
         for value in values or []:
-            if not re.match(_SUBNET, value):
-                raise ValueError(f"{value!r} is not a subnet id (like subnet-0abc1234)")
+            _check_subnet(value)
         return values
 
 
@@ -87,8 +93,31 @@ class PoolEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    instance_type: str = Field(pattern=_INSTANCE_TYPE)
-    subnet: str | None = Field(default=None, pattern=_SUBNET)
+    instance_type: str
+    subnet: str | None = None
+
+    @field_validator("instance_type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        return _check_instance_type(value)
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, value: str | None) -> str | None:
+        return None if value is None else _check_subnet(value)
+
+
+# Named checks rather than Field(pattern=...): pydantic would show the raw regex.
+def _check_instance_type(value: str) -> str:
+    if not re.match(_INSTANCE_TYPE, value):
+        raise ValueError(f"{value!r} is not an EC2 instance type such as g5.xlarge")
+    return value
+
+
+def _check_subnet(value: str) -> str:
+    if not re.match(_SUBNET, value):
+        raise ValueError(f"{value!r} is not a subnet id such as subnet-0abc1234")
+    return value
 
 
 class CheckpointPolicy(BaseModel):
@@ -116,6 +145,8 @@ class SpecFile(BaseModel):
     checkpoint: CheckpointPolicy = CheckpointPolicy()
     env: dict[str, str] = Field(default_factory=dict)
     tags: dict[str, str] = Field(default_factory=dict)
+    # The file it came from, for the errors the stack checks raise later (parse_spec sets it).
+    _source: str = PrivateAttr(default=DEFAULT_SPEC_FILE)
 
     @field_validator("name")
     @classmethod
@@ -207,7 +238,9 @@ class SpecFile(BaseModel):
         if isinstance(self.pools, PoolGrid):
             subnets = self.pools.subnets or list(default_subnets)
             if not subnets:
-                raise SpecError("pools.subnets", "no subnets given and the stack exports none")
+                raise SpecError(
+                    "pools.subnets", "no subnets given and the stack exports none", source=self._source
+                )
             entries = [
                 ("pools.instance_types", t, "pools.subnets", s)
                 for t in self.pools.instance_types
@@ -215,7 +248,9 @@ class SpecFile(BaseModel):
             ]
         else:
             if not default_subnets and any(p.subnet is None for p in self.pools):
-                raise SpecError("pools", "an entry has no subnet and the stack exports none")
+                raise SpecError(
+                    "pools", "an entry has no subnet and the stack exports none", source=self._source
+                )
             entries = [
                 (
                     f"pools[{i}].instance_type",
@@ -231,19 +266,22 @@ class SpecFile(BaseModel):
                     type_field,
                     f"{instance_type!r} is not allowed by the stack; "
                     f"allowed: {', '.join(allowed_instance_types)}",
+                    source=self._source,
                 )
             if default_subnets and subnet not in default_subnets:
                 raise SpecError(
                     subnet_field,
                     f"{subnet!r} is not a subnet of the stack; allowed: {', '.join(default_subnets)}",
+                    source=self._source,
                 )
         if len(entries) > MAX_POOLS:
             shape = "instance types x subnets" if grid else "entries"
-            raise SpecError("pools", f"{len(entries)} pools ({shape}); at most {MAX_POOLS} are allowed")
+            problem = f"{len(entries)} pools ({shape}); at most {MAX_POOLS} are allowed"
+            raise SpecError("pools", problem, source=self._source)
         try:
             return _unique([CapacityPool(instance_type=t, subnet_id=s) for _, t, _, s in entries])
         except ValueError as exc:
-            raise SpecError("pools", str(exc)) from exc
+            raise SpecError("pools", str(exc), source=self._source) from exc
 
     def to_job_spec(
         self,
@@ -269,7 +307,7 @@ class SpecFile(BaseModel):
                 tags=self.tags,
             )
         except ValidationError as exc:  # the file model checks the same; a drift is still named
-            raise _spec_error(exc, DEFAULT_SPEC_FILE) from exc
+            raise _spec_error(exc, self._source) from exc
 
 
 def _unique(pools: list[CapacityPool]) -> list[CapacityPool]:
@@ -290,9 +328,13 @@ def parse_spec(data: Any, *, source: str = DEFAULT_SPEC_FILE) -> SpecFile:
     if not isinstance(data, dict):
         raise SpecError("", "must be a mapping of fields (name, command, pools, ...)", source=source)
     try:
-        return SpecFile.model_validate(data)
+        # Strict: YAML already types its scalars, and lax mode would take `retention:
+        # true` as 1 or `max_hours: "24"` as 24.0 without a word.
+        spec = SpecFile.model_validate(data, strict=True)
     except ValidationError as exc:
         raise _spec_error(exc, source) from exc
+    spec._source = source
+    return spec
 
 
 def load_spec(path: str | Path) -> SpecFile:

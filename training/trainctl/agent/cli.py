@@ -32,7 +32,10 @@ def _agent_parser() -> argparse.ArgumentParser:
     parser.add_argument("--job-id", default=os.environ.get(env.JOB_ID))
     parser.add_argument("--instance-id", default=os.environ.get(env.INSTANCE_ID), help="default: from IMDS")
     parser.add_argument(
-        "--attempt", type=int, default=_int_env(env.ATTEMPT), help="default: from the job row"
+        "--attempt",
+        type=int,
+        default=_int_env(env.ATTEMPT),
+        help="default: the instance's trainctl:attempt tag (IMDS), else the job row's",
     )
     parser.add_argument("--table", default=os.environ.get(env.JOBS_TABLE))
     parser.add_argument("--bucket", default=os.environ.get(env.CHECKPOINT_BUCKET))
@@ -69,6 +72,16 @@ def _agent_parser() -> argparse.ArgumentParser:
 def _int_env(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value else None
+
+
+def _attempt_from_tag(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        logger.warning("ignoring the instance's attempt tag %r: not a number", value)
+        return None
 
 
 class CommandUnresolved(Exception):
@@ -119,13 +132,19 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
     imds = None if args.no_imds else ImdsClient()
     instance_id = args.instance_id
     job_id = args.job_id
-    if imds is not None and (not instance_id or not job_id):
+    attempt = args.attempt
+    if imds is not None and (not instance_id or not job_id or attempt is None):
         try:
             instance_id = instance_id or imds.instance_id()
-            # Instances launched by trainctl carry their job id as a tag (metadata tags on).
-            from trainctl_core.settings import TAG_JOB_ID
+            # Instances launched by trainctl carry their job id and attempt as tags
+            # (metadata tags on). The attempt lets a stopped instance that comes back
+            # after its replacement took over stand down at once.
+            from trainctl_core.settings import TAG_ATTEMPT, TAG_JOB_ID
 
-            job_id = job_id or imds.tag(TAG_JOB_ID)
+            tagged_job = imds.tag(TAG_JOB_ID)
+            job_id = job_id or tagged_job
+            if attempt is None and tagged_job is not None and tagged_job == job_id:
+                attempt = _attempt_from_tag(imds.tag(TAG_ATTEMPT))
         except ImdsUnavailable as exc:
             logger.warning("IMDS unavailable: %s", exc)
     missing = [
@@ -157,7 +176,7 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
     config = AgentConfig(
         job_id=job_id,
         instance_id=instance_id,
-        attempt=args.attempt,
+        attempt=attempt,
         command=command,
         socket_path=args.socket,
         child_env=child_env,
@@ -172,10 +191,16 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
         from trainctl.agent.logship import LogShipper, make_client
 
         shipper = LogShipper(make_client(args.region), args.log_group, job_id=job_id, instance_id=instance_id)
-        if args.attempt is not None:
-            shipper.bind_attempt(args.attempt)
+        if attempt is not None:
+            shipper.bind_attempt(attempt)
         shipper.attach("trainctl")
         shipper.start()
+    prices = None
+    if imds is not None:
+        from trainctl.agent.pricing import InstancePrices
+
+        ec2 = clients.client("ec2", args.region)
+        prices = InstancePrices(ec2, imds, region=args.region or ec2.meta.region_name)
     try:
         agent = Agent(
             config,
@@ -183,6 +208,7 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
             handshake=Handshake(clients.client("stepfunctions", args.region)),
             imds=imds,
             logs=shipper,
+            prices=prices,
         )
         agent.install_signal_handlers()  # SIGTERM: checkpoint, stop the child, exit
         return agent.run()

@@ -26,11 +26,17 @@ class FakeImds:
         *,
         instance_type: str | None = None,
         zone: str | None = None,
+        life_cycle: str | None = None,
+        token_status: int = 200,
     ) -> None:
         self.instance_id = instance_id
         self.tags = dict(tags or {})
         self.instance_type = instance_type
         self.zone = zone
+        self.life_cycle = life_cycle
+        # Not 200: every token request is refused with it (403: IMDS turned off; 405: a
+        # request through a proxy), so no GET can carry a token.
+        self.token_status = token_status
         self.instance_action: dict[str, str] | None = None
         self.rebalance: dict[str, str] | None = None
         self.tokens: set[str] = set()
@@ -45,6 +51,9 @@ class FakeImds:
                 fake.requests.append(f"PUT {self.path}")
                 if self.path != imds.TOKEN_PATH or not self.headers.get(imds.TOKEN_TTL_HEADER):
                     self._send(400, "")
+                    return
+                if fake.token_status != 200:
+                    self._send(fake.token_status, "")
                     return
                 token = secrets.token_hex(16)
                 fake.tokens.add(token)
@@ -88,6 +97,8 @@ class FakeImds:
             return self.instance_type
         if path == imds.ZONE_PATH:
             return self.zone
+        if path == imds.LIFE_CYCLE_PATH:
+            return self.life_cycle
         if path.startswith(imds.TAGS_PATH):
             return self.tags.get(path[len(imds.TAGS_PATH) :])
         return None

@@ -8,6 +8,8 @@ Paths (IMDSv2 session token first, then GETs carrying it):
                                                          "time": "2025-01-01T00:02:00Z"}
   GET /latest/meta-data/events/recommendations/rebalance  404 until: {"noticeTime": "..."}
   GET /latest/meta-data/tags/instance/<key>             (instance tags in metadata enabled)
+  GET /latest/meta-data/instance-type, placement/availability-zone, instance-life-cycle
+                                                        (what the instance costs)
 
 The base URL is the standard `AWS_EC2_METADATA_SERVICE_ENDPOINT` (default
 http://169.254.169.254), so the offline rehearsal points each fake instance at its own
@@ -39,6 +41,7 @@ REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 TAGS_PATH = "/latest/meta-data/tags/instance/"
 INSTANCE_TYPE_PATH = "/latest/meta-data/instance-type"
 ZONE_PATH = "/latest/meta-data/placement/availability-zone"
+LIFE_CYCLE_PATH = "/latest/meta-data/instance-life-cycle"  # spot | on-demand | scheduled | ...
 TOKEN_TTL_SECONDS = 21600
 
 
@@ -50,6 +53,15 @@ class ImdsUnavailable(RuntimeError):
 class InstanceAction:
     action: str  # terminate | stop | hibernate
     time: datetime
+
+
+@dataclass(frozen=True)
+class InstancePlacement:
+    """What the instance's price depends on, as IMDS says it."""
+
+    instance_type: str
+    zone: str
+    life_cycle: str  # instance-life-cycle: "spot", "on-demand", ...
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,12 @@ class ImdsClient:
             request = urllib.request.Request(
                 self.endpoint + TOKEN_PATH, method="PUT", headers={TOKEN_TTL_HEADER: str(TOKEN_TTL_SECONDS)}
             )
-            self._token = self._open(request).decode()
+            try:
+                self._token = self._open(request).decode()
+            except urllib.error.HTTPError as exc:
+                # 403 (IMDS turned off for this instance), 405 (a proxy's X-Forwarded-For),
+                # 400: no session, so no metadata; the agent carries on with SSM signals.
+                raise ImdsUnavailable(f"IMDS token request refused: HTTP {exc.code}") from exc
         return self._token
 
     def _open(self, request: urllib.request.Request) -> bytes:
@@ -134,6 +151,17 @@ class ImdsClient:
         if not instance_type or not zone:
             return None
         return f"{instance_type.strip()}@{zone.strip()}"
+
+    def placement(self) -> InstancePlacement | None:
+        """Instance type, zone and purchase option (None when IMDS lacks one of them)."""
+        instance_type, zone, life_cycle = (
+            self.get(INSTANCE_TYPE_PATH),
+            self.get(ZONE_PATH),
+            self.get(LIFE_CYCLE_PATH),
+        )
+        if not instance_type or not zone or not life_cycle:
+            return None
+        return InstancePlacement(instance_type.strip(), zone.strip(), life_cycle.strip())
 
     def instance_action(self) -> InstanceAction | None:
         body = self.get(INSTANCE_ACTION_PATH)

@@ -8,6 +8,11 @@ A unix stream socket speaking JSON lines. Peers:
   writes; the agent pushes `checkpoint` requests to it (`id`, `stop`, `deadline`);
 * `trainctl checkpoint-now` (`request_checkpoint`), run by the SSM document: sends
   `checkpoint-now` (`mode`: stop | continue, `deadline`) and waits for `checkpoint-done`.
+
+Once the attempt's final checkpoint is on the job row, the agent also leaves its answer
+beside the socket (`final_answer_path`): training has stopped and the agent exits, yet
+the same notice can still ask again (the interruption handler retrying after a failure
+sends a second SSM command), and must get that same checkpoint, not an error.
 """
 
 from __future__ import annotations
@@ -252,19 +257,55 @@ class CheckpointRequestFailed(RuntimeError):
     """The agent answered that the checkpoint failed, or did not answer in time."""
 
 
+def final_answer_path(socket_path: str) -> str:
+    return socket_path + ".final"
+
+
+def write_final_answer(socket_path: str, answer: dict[str, Any]) -> None:
+    """Leave the `checkpoint-done` answer of the attempt's final checkpoint (atomically)."""
+    path = final_answer_path(socket_path)
+    partial = path + ".tmp"
+    with open(partial, "w") as handle:
+        json.dump(answer, handle)
+    os.chmod(partial, 0o640)
+    os.replace(partial, path)
+
+
+def clear_final_answer(socket_path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(final_answer_path(socket_path))
+
+
+def read_final_answer(socket_path: str, job_id: str | None) -> dict[str, Any] | None:
+    """The final checkpoint's answer an agent left for `job_id` (any job if None), if any."""
+    try:
+        with open(final_answer_path(socket_path)) as handle:
+            answer = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(answer, dict) or (job_id is not None and answer.get("job_id") != job_id):
+        return None
+    return answer
+
+
 def request_checkpoint(
     path: str, *, job_id: str | None, deadline: str | None, timeout: float, mode: str = "stop"
 ) -> dict[str, Any]:
     """Ask the agent for a checkpoint now and wait until it is durable; returns its answer.
 
     `mode` "stop": training stops after it (an interruption notice); "continue": it goes
-    on (a rebalance recommendation).
+    on (a rebalance recommendation). Once the agent has exited after the attempt's final
+    checkpoint, the answer is that checkpoint (there is nothing newer, training stopped).
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
     except OSError as exc:
+        sock.close()
+        final = read_final_answer(path, job_id)
+        if final is not None:
+            return final
         raise CheckpointRequestFailed(f"agent socket {path} unreachable: {exc}") from exc
     try:
         sock.sendall(
@@ -281,6 +322,9 @@ def request_checkpoint(
                     return message
         except TimeoutError as exc:
             raise CheckpointRequestFailed(f"no durable checkpoint within {timeout:.0f} s") from exc
+        final = read_final_answer(path, job_id)  # it exited after the final checkpoint meanwhile
+        if final is not None:
+            return final
         raise CheckpointRequestFailed("the agent closed the connection before the checkpoint was durable")
     finally:
         sock.close()

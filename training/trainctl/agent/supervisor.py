@@ -18,11 +18,23 @@ Lifecycle of one attempt on one instance:
    relaunched: a user bug would loop); after a notice or SIGTERM -> nothing (the resume
    workflow owns the job now, or whoever stops the machine does).
 
+Cost guards: with each heartbeat the agent adds what its attempt cost since the last one
+to the row's `cost_usd` (priced by `trainctl.agent.pricing`, exactly once per window),
+and checks the job's limits (`trainctl.agent.limits`, the resume workflow's own guards):
+past `deadline_at` (max_hours) or at `budget_usd`, it asks the child for a checkpoint,
+waits for it (bounded), and ends the job FAILED with the reason.
+
 Every terminal outcome of this instance's attempt (SUCCEEDED, FAILED, stood down, no
 resume point) ends with the shutdown command: nothing else will use the instance.
 
 A fenced write refused with `Superseded` means another attempt owns the job: stop the
-child and stand down.
+child and stand down. So does finding the row on another instance at start, once this
+instance's attempt is over (it is in the row's attempt history, or older than the row's):
+a stopped instance that comes back after its replacement took over.
+
+Checkpoint records (and the handshake) run on a worker thread of their own, in order:
+a slow or retried DynamoDB or Step Functions call never delays the answer to the
+Checkpointer's `fence` question, which it waits for only a few seconds.
 
 Requests to the child are numbered; the child's `durable` message says which request
 its snapshot answers, so a checkpoint whose snapshot predates the stop notice (a
@@ -33,9 +45,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -47,19 +61,21 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from trainctl import runtime_env as env
-from trainctl.agent import recovery_metrics
+from trainctl.agent import ipc, recovery_metrics
 from trainctl.agent.imds import ImdsClient, ImdsUnavailable
 from trainctl.agent.ipc import IpcServer, Peer
+from trainctl.agent.limits import limit_reached
 from trainctl_core import jobs
-from trainctl_core.jobs import CheckpointKind, CheckpointRef, Job, JobStatus
+from trainctl_core.jobs import CheckpointKind, CheckpointRef, Job, JobStatus, ResumePoint
 from trainctl_core.settings import CHECKPOINT_MODE_STOP, CHECKPOINT_MODES
-from trainctl_core.store import ConcurrentUpdate, JobNotFound, Superseded
+from trainctl_core.store import ConcurrentUpdate, JobNotFound, StoreUnavailable, Superseded
 
 logger = logging.getLogger("trainctl.agent")
 
 EXIT_OK = 0
 EXIT_STOOD_DOWN = 3
 EXIT_NO_RESUME_POINT = 4
+EXIT_LIMIT_REACHED = 5
 
 FAILURE_REASON_LIMIT = 3000
 """Characters of the FAILED reason on the job row (the exit code and the log tail)."""
@@ -79,6 +95,23 @@ class Store(Protocol):
     def heartbeat(
         self, job_id: str, *, instance_id: str, attempt: int, step: int, steps_per_second: float | None = None
     ) -> dict[str, Any]: ...
+
+    def accrue_cost(
+        self,
+        job_id: str,
+        *,
+        instance_id: str,
+        attempt: int,
+        usd: float,
+        since: datetime | None,
+        until: datetime,
+    ) -> dict[str, Any]: ...
+
+
+class PriceSource(Protocol):
+    """What this instance cost over a window, USD; None when unknown (trainctl.agent.pricing)."""
+
+    def cost(self, start: datetime, end: datetime) -> float | None: ...
 
 
 class HandshakePort(Protocol):
@@ -116,6 +149,10 @@ class AgentConfig:
     # SIGTERM (systemd stop, `docker stop`): checkpoint and stop within this; the unit's
     # TimeoutStopSec / --stop-timeout (110 s) leave the rest for the stop itself.
     terminate_grace_seconds: float = 100.0
+    # How long a checkpoint's record on the row is retried while DynamoDB is unavailable
+    # (throttled, 5xx, unreachable) beyond botocore's own few seconds of retries: a
+    # durable checkpoint the row does not name is lost to the next attempt.
+    record_retry_seconds: float = 60.0
 
 
 @dataclass
@@ -126,6 +163,43 @@ class _Notice:
     source: str
     deadline: str | None = None
     id: int = 0  # set when forwarded to the child
+
+
+class _Worker:
+    """Runs submitted calls one at a time, in order, on a thread of its own (started on
+    first use)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._calls: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def submit(self, call: Callable[[], None]) -> None:
+        with self._idle:
+            self._pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+        self._calls.put(call)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether every submitted call has finished, waiting up to `timeout` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def _loop(self) -> None:
+        while True:
+            call = self._calls.get()
+            try:
+                call()
+            except Exception:
+                logger.exception("%s: a call failed", self._name)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
 
 
 def failure_reason(returncode: int, tail: list[str], limit: int = FAILURE_REASON_LIMIT) -> str:
@@ -153,6 +227,7 @@ class Agent:
         imds: ImdsClient | None = None,
         now: Callable[[], datetime] = jobs.utcnow,
         logs: LogSink | None = None,
+        prices: PriceSource | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -160,6 +235,7 @@ class Agent:
         self.imds = imds
         self.logs = logs
         self.now = now
+        self.prices = prices
         self.attempt: int = config.attempt if config.attempt is not None else -1
         self.child: subprocess.Popen[bytes] | None = None
         self.log_tail: collections.deque[str] = collections.deque(maxlen=config.log_tail_lines)
@@ -192,6 +268,16 @@ class Agent:
         self._boot_row: dict[str, Any] = {}
         self._resume_reported = False
         self._metric_threads: list[threading.Thread] = []
+        # Checkpoint records and the handshake, off the IPC reader threads (fences).
+        self._recorder = _Worker("trainctl-checkpoint-records")
+        # Cost accrual: the row's mark for this attempt (None: nothing accrued yet), and
+        # where this attempt's billing starts; the row's cost as last seen.
+        self._cost_lock = threading.Lock()
+        self._cost_mark: datetime | None = None
+        self._cost_start: datetime | None = None
+        self._cost_usd = 0.0
+        self._job: Job | None = None  # the row as this attempt started (spec, limits)
+        self.limit_reason: str | None = None  # a cost guard ended the job (FAILED reason)
 
     # --- entry point ------------------------------------------------------------------------
 
@@ -205,6 +291,7 @@ class Agent:
         return code
 
     def _run(self) -> tuple[int, bool]:
+        ipc.clear_final_answer(self.config.socket_path)  # an earlier agent's, on this socket
         job = self._wait_for_resume_point()
         if job is not None and self.logs is not None:
             self.logs.bind_attempt(self.attempt)  # the stream is <job>/<attempt>/<instance>
@@ -215,6 +302,7 @@ class Agent:
         if not self._mark_running(job):
             return EXIT_STOOD_DOWN, True
         self._remember_boot_row()
+        self._start_cost_accrual(job)
         if self._terminating.is_set():
             return EXIT_OK, False
         self.ipc.start()
@@ -325,6 +413,22 @@ class Agent:
                 )
                 self.stood_down = True
                 return None
+            if (
+                job is not None
+                and job.instance_id is not None
+                and job.instance_id != self.config.instance_id
+                and self._attempt_is_over(job)
+            ):
+                # E.g. a stopped instance that came back after its replacement took over:
+                # nothing will ever name it again, so there is nothing to wait for.
+                logger.warning(
+                    "job %s moved on to instance %s (attempt %s): standing down",
+                    self.config.job_id,
+                    job.instance_id,
+                    job.attempt,
+                )
+                self.stood_down = True
+                return None
             if not logged:
                 logger.info(
                     "waiting for the job row to name instance %s and a resume point", self.config.instance_id
@@ -339,6 +443,14 @@ class Agent:
             if self._terminating.wait(self.config.resume_poll_seconds):
                 logger.info("stopped while waiting for the resume point")
                 return None
+
+    def _attempt_is_over(self, job: Job) -> bool:
+        """Whether this instance's attempt is behind the row (which names another instance):
+        it is in the row's attempt history, or the row's attempt is not older than the one
+        this instance was launched for (`--attempt`, or its `trainctl:attempt` tag)."""
+        if any(record.instance_id == self.config.instance_id for record in job.attempts):
+            return True
+        return self.config.attempt is not None and job.attempt >= self.config.attempt
 
     def _mark_running(self, job: Job) -> bool:
         for _ in range(5):
@@ -382,12 +494,32 @@ class Agent:
         )
         for name in (env.RESUME_STEP, env.RESUME_PREFIX):
             environment.pop(name, None)
-        point = job.resume_point
+        point = self.resume_point(job)
         if point is not None and point.kind != CheckpointKind.NONE and point.step is not None:
             environment[env.RESUME_STEP] = str(point.step)
             if point.prefix:
                 environment[env.RESUME_PREFIX] = point.prefix
         return environment
+
+    def resume_point(self, job: Job) -> ResumePoint | None:
+        """Where training starts: the row's resume point, except for an agent restarted on
+        its attempt (a reboot) once that attempt has a checkpoint of its own on the row:
+        that one is newer (the steps after the resume point were trained already), and
+        the resume point would exclude it (training never restores above it)."""
+        last = job.last_checkpoint
+        if (
+            last is not None
+            and last.attempt == self.attempt
+            and job.instance_id == self.config.instance_id
+            and job.status == JobStatus.RUNNING
+        ):
+            logger.info(
+                "restarted on attempt %s: resuming from its own checkpoint at step %s",
+                last.attempt,
+                last.step,
+            )
+            return ResumePoint(kind=CheckpointKind.FALLBACK, step=last.step, prefix=last.prefix)
+        return job.resume_point
 
     def _start_child(self, job: Job) -> None:
         logger.info("starting training: %s", " ".join(self.config.command))
@@ -415,13 +547,17 @@ class Agent:
         self._output.join(timeout=5)
         # Durable messages sent just before exit must be recorded before we decide (and
         # before the agent exits): the child's connection ends only after the server
-        # handled each of its messages. Bounded: a forked grandchild may hold it open.
+        # read each of its messages, and the recorder then works through them (retrying
+        # an unavailable table for a while). Bounded: a forked grandchild may hold the
+        # connection open.
         ends = time.monotonic() + timeout
         while time.monotonic() < ends:
             with self._lock:
                 if not self._checkpointers:
-                    return
+                    break
             time.sleep(0.05)
+        if not self._recorder.wait_idle(self.config.record_retry_seconds + timeout):
+            logger.warning("a checkpoint record was still in progress when training ended")
 
     def _stop_child(self) -> None:
         child = self.child
@@ -446,6 +582,12 @@ class Agent:
         self._flush_logs()
         if self.stood_down:
             return EXIT_STOOD_DOWN, True
+        self._accrue_final_cost()
+        if self.limit_reason is not None:
+            # Stopped by a cost guard (after its checkpoint): the job ends here, whatever
+            # else asked it to stop meanwhile; the resume workflow would fail it the same way.
+            self._finish(succeeded=False, reason=self.limit_reason)
+            return EXIT_LIMIT_REACHED, True
         if self._terminating.is_set():
             # Stopped from outside (systemd, docker): whoever stops us owns what comes next.
             logger.info("training stopped on SIGTERM (exit %s)", returncode)
@@ -522,8 +664,8 @@ class Agent:
         with self._lock:
             if notice.stop:
                 self._stopping = True
-                if self._stop_noticed_at is None:
-                    self._stop_noticed_at = self.now()
+                if self._stop_noticed_at is None and notice.source != LIMIT_SOURCE:
+                    self._stop_noticed_at = self.now()  # a notice (the recovery's metrics)
             target = self._stop_request
             if target is None and not notice.stop:
                 target = self._outstanding
@@ -610,9 +752,11 @@ class Agent:
         elif op == "progress":
             self._on_progress(int(message["step"]), float(message.get("t", time.time())))
         elif op == "durable":
-            self._on_durable(message)
+            # Recorded in order, on the recorder's thread: this reader goes on reading,
+            # so the `fence` the Checkpointer sends next is answered at once.
+            self._recorder.submit(lambda: self._on_durable(message))
         elif op == "checkpoint-failed":
-            self._on_checkpoint_failed(message)
+            self._recorder.submit(lambda: self._on_checkpoint_failed(message))
         elif op == "fence":
             peer.send({"op": "fence-reply", "id": message.get("id"), "current": self._is_current()})
         elif op == "checkpoint-now":
@@ -764,13 +908,7 @@ class Agent:
                 and answers >= first_stop
             )
         try:
-            row = self.store.record_checkpoint(
-                self.config.job_id,
-                instance_id=self.config.instance_id,
-                attempt=self.attempt,
-                checkpoint=ref,
-                final=final,
-            )
+            row = self._record_checkpoint(ref, final=final)
         except Superseded as exc:
             current = exc.current
             if (
@@ -790,6 +928,17 @@ class Agent:
             logger.warning("superseded (%s): stopping training and standing down", exc)
             self._stand_down()
             return
+        except Exception as exc:
+            # Durable in storage, but the row does not name it: not a checkpoint the next
+            # attempt (or the handshake) can use, so not one to promise a waiter.
+            logger.error("checkpoint at step %s durable but not recorded on the job row: %s", ref.step, exc)
+            if answers is not None:
+                self._requests_failed(
+                    answers,
+                    f"checkpoint at step {ref.step} is durable but not recorded on the job row ({exc})",
+                )
+            return
+        self._note_cost(row)
         self.last_checkpoint = ref
         logger.info("checkpoint recorded: step %s%s", ref.step, " (final)" if final else "")
         if final:
@@ -804,6 +953,7 @@ class Agent:
                     )
                 )
             self.final_checkpoint = ref
+            self._leave_final_answer(ref)
             if not self.handshake_completed:
                 self._complete_handshake(row, ref)
         if answers is not None:
@@ -811,6 +961,46 @@ class Agent:
                 self._answer = ref
             self._answered_by(answers)
             self._answer_waiters(answers, ref)
+
+    def _record_checkpoint(self, ref: CheckpointRef, *, final: bool) -> dict[str, Any]:
+        """`store.record_checkpoint`, retried with backoff for `record_retry_seconds` while
+        the table is unavailable. Never retried: `Superseded` (a condition said no)."""
+        give_up = time.monotonic() + self.config.record_retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return self.store.record_checkpoint(
+                    self.config.job_id,
+                    instance_id=self.config.instance_id,
+                    attempt=self.attempt,
+                    checkpoint=ref,
+                    final=final,
+                )
+            except StoreUnavailable as exc:
+                if time.monotonic() + delay > give_up:
+                    raise
+                logger.warning(
+                    "checkpoint at step %s not recorded yet (%s): retrying in %.1f s", ref.step, exc, delay
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    def _leave_final_answer(self, ref: CheckpointRef) -> None:
+        """For a `checkpoint-now` that comes after the agent has exited (ipc module docstring)."""
+        try:
+            ipc.write_final_answer(
+                self.config.socket_path,
+                {
+                    "op": "checkpoint-done",
+                    "ok": True,
+                    "step": ref.step,
+                    "prefix": ref.prefix,
+                    "job_id": self.config.job_id,
+                    "attempt": ref.attempt,
+                },
+            )
+        except OSError as exc:
+            logger.warning("cannot leave the final checkpoint's answer beside the socket: %s", exc)
 
     def _complete_handshake(self, row: dict[str, Any], ref: CheckpointRef) -> None:
         # DESIGN §2 race rule: the workflow stores its token conditioned on "no final
@@ -847,22 +1037,154 @@ class Agent:
     # --- heartbeats ------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
+        """Every `heartbeat_seconds`: the attempt's cost, then its progress, to the row;
+        then the cost guards. Ends when the attempt does, is superseded, or hits a guard."""
         while not self._stopped.wait(self.config.heartbeat_seconds):
             with self._lock:
                 step, rate = self._step, self._rate
-            if step is None:
-                continue
-            try:
-                self.store.heartbeat(
-                    self.config.job_id,
-                    instance_id=self.config.instance_id,
-                    attempt=self.attempt,
-                    step=step,
-                    steps_per_second=rate,
-                )
-            except Superseded as exc:
-                logger.warning("superseded (%s): stopping training and standing down", exc)
-                self._stand_down()
+            # One failing does not keep the other off the row.
+            if not self._fenced_write("cost", self._accrue_cost):
                 return
-            except Exception:
-                logger.exception("heartbeat failed")
+            if step is not None and not self._fenced_write(
+                "heartbeat", functools.partial(self._heartbeat, step, rate)
+            ):
+                return
+            if self._check_limits():
+                return
+
+    def _heartbeat(self, step: int, rate: float | None) -> dict[str, Any]:
+        return self.store.heartbeat(
+            self.config.job_id,
+            instance_id=self.config.instance_id,
+            attempt=self.attempt,
+            step=step,
+            steps_per_second=rate,
+        )
+
+    def _fenced_write(self, what: str, write: Callable[[], dict[str, Any] | None]) -> bool:
+        """Run one periodic write; False once superseded (the agent stands down)."""
+        try:
+            row = write()
+        except Superseded as exc:
+            logger.warning("superseded (%s): stopping training and standing down", exc)
+            self._stand_down()
+            return False
+        except StoreUnavailable as exc:
+            logger.warning("%s not written: %s", what, exc)
+        except Exception:
+            logger.exception("%s not written", what)
+        else:
+            if row is not None:
+                self._note_cost(row)
+        return True
+
+    # --- cost guards ----------------------------------------------------------------------------
+
+    def _start_cost_accrual(self, job: Job) -> None:
+        """Where this attempt's billing starts (its launch on the row), and the row's
+        accrual mark if this attempt already accrued (an agent restarted on it)."""
+        self._job = self._boot_job or job
+        self._cost_usd = float(self._job.cost_usd)
+        launched = [
+            record.launched_at
+            for record in self._job.attempts
+            if record.attempt == self.attempt and record.instance_id == self.config.instance_id
+        ]
+        # The launch is recorded just after RunInstances returned: billing starts soon after.
+        self._cost_start = launched[-1] if launched else self.now()
+        self._cost_mark = _accrual_mark(self._boot_row, self.attempt)
+
+    def _accrue_cost(self) -> dict[str, Any] | None:
+        """Add what this attempt cost since the row's mark to the row; the row as written,
+        or None when nothing was (no price source, price unknown: the window waits)."""
+        if self.prices is None or self._cost_start is None:
+            return None
+        with self._cost_lock:
+            since = self._cost_mark
+            start = since or self._cost_start
+            until = _millis(self.now())
+            if until <= start:
+                return None
+            usd = self.prices.cost(start, until)
+            if usd is None:
+                return None
+            row = self.store.accrue_cost(
+                self.config.job_id,
+                instance_id=self.config.instance_id,
+                attempt=self.attempt,
+                usd=usd,
+                since=since,
+                until=until,
+            )
+            # The row's mark, not ours: if it had moved on (an earlier write landed after
+            # all), nothing was added and the next window starts from where the row says.
+            self._cost_mark = _accrual_mark(row, self.attempt) or self._cost_mark
+            self._note_cost(row)
+            return row
+
+    def _accrue_final_cost(self) -> None:
+        """What the attempt cost up to its end (best effort: the outcome comes first)."""
+        try:
+            self._accrue_cost()
+        except Superseded:
+            logger.info("the job moved on: this attempt's last cost is not added")
+        except Exception:
+            logger.warning("this attempt's last cost was not added to the job row", exc_info=True)
+
+    def _note_cost(self, row: dict[str, Any]) -> None:
+        value = row.get("cost_usd")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            self._cost_usd = float(value)
+
+    def _check_limits(self) -> bool:
+        """Past the job's deadline or at its budget: stop it (True). Not while a notice
+        already stops it: the resume workflow then checks the same guards."""
+        job = self._job
+        if job is None:
+            return False
+        reason = limit_reached(job, cost_usd=self._cost_usd, now=self.now())
+        if reason is None:
+            return False
+        with self._lock:
+            if self.limit_reason is not None or self._stopping or self.stood_down:
+                return self.limit_reason is not None
+            self.limit_reason = reason
+        logger.warning("%s: checkpointing, then the job ends FAILED", reason)
+        threading.Thread(target=self._stop_for_limit, name="trainctl-limit", daemon=True).start()
+        return True
+
+    def _stop_for_limit(self) -> None:
+        child = self.child
+        if child is None or child.poll() is not None:
+            return
+        budget = self.config.urgent_timeout_seconds
+        with self._lock:
+            can_checkpoint = bool(self._checkpointers or self._signal_pids)
+        if can_checkpoint:
+            deadline = jobs.format_time(self.now() + timedelta(seconds=budget))
+            self.notice(_Notice(stop=True, source=LIMIT_SOURCE, deadline=deadline))
+            # The child stops by itself once its checkpoint is durable (and recorded).
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(budget + self.config.stop_grace_seconds)
+            if child.poll() is None:
+                logger.warning("training did not stop after its checkpoint in time: stopping it")
+        else:
+            logger.warning("the training process has no trainctl Checkpointer: stopping it without one")
+        self._stop_child()
+
+
+LIMIT_SOURCE = "limit"
+"""The `_Notice.source` of a stop a cost guard asked for (no notice: no recovery metrics)."""
+
+
+def _millis(moment: datetime) -> datetime:
+    """`moment` at the row's precision (milliseconds), so the mark written reads back equal."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def _accrual_mark(row: dict[str, Any], attempt: int) -> datetime | None:
+    """The row's cost accrual mark, if it is `attempt`'s."""
+    mark = row.get("cost_accrued_at")
+    if row.get("cost_accrued_attempt") != attempt or not isinstance(mark, str):
+        return None
+    return datetime.fromisoformat(mark.replace("Z", "+00:00"))

@@ -1,19 +1,40 @@
-"""Savings arithmetic: pure functions over the job row and price data (no boto3).
+"""Savings arithmetic: pure functions over the job row, EC2's facts and price data (no boto3).
 
-What a job paid versus what the same training would have cost on on-demand capacity:
+What a job paid versus what an uninterrupted on-demand run of the same training would
+have cost. Per attempt (one instance), with `N` its interruption notice:
 
-* **billed seconds** of each attempt: from its launch to its end (the reclaim deadline of
-  an interrupted attempt, the job's end for a finished one, now for a running one).
+* **billed window**: from its launch to its end. The end is, in order of preference:
+  EC2's own record (a stopped or terminated instance's `StateTransitionReason` carries the
+  moment, e.g. `User initiated (2026-01-05 11:00:41 GMT)`; EC2 keeps it about an hour);
+  else what the row and the agent say. An attempt lost to a Spot warning or a migrating
+  rebalance is retired by the resume workflow right after it records the replacement
+  (RetireOldInstance), which happens once both the replacement is launched and the
+  checkpoint handshake is done: end = max(replacement launched, final checkpoint durable).
+  "Durable" is the agent's TimeToCheckpoint line when the logs have it, else the final
+  checkpoint's snapshot moment on the row (a lower bound: its upload follows), else the
+  handshake's timeout (the notice deadline). A Spot warning's end is never after its
+  deadline (AWS reclaims the instance then); a migrating rebalance has no such bound. A
+  loss without notice ends at the notice; an attempt with no replacement yet runs until
+  the job ended (the workflow or `cancel` terminated it) or now; a finished job's last
+  attempt ends with the job.
 * **paid**: spot attempts integrate the spot price history of their type and zone over
   their window (the price in force at each moment, piecewise constant); on-demand attempts
   pay the on-demand rate.
 * **on-demand, same seconds**: every billed second at the on-demand rate of its type.
-* **interruption overhead**: *lost* seconds (training done after the checkpoint the next
-  attempt resumed from, i.e. redone), *recovery* seconds (notice -> replacement launched,
-  wall-clock without a replacement), and *overlap* seconds (the old instance still running
-  its final checkpoint while the replacement already bills).
-* **baseline**: an uninterrupted on-demand run needs neither the lost nor the overlapping
-  seconds: `on_demand_same_seconds - on_demand(lost) - on_demand(overlap)`.
+* **useful seconds**: the seconds an uninterrupted run would also have billed, i.e.
+  training that was kept. An attempt trains from its launch (attempt 0: an uninterrupted
+  run boots once too) or, for a replacement, from the moment training resumed on it (the
+  agent's TimeToResume line; without it, from when the old instance ended, the earliest
+  the row allows: the boot after that is then counted as useful, and a note says so);
+  it trains until its notice (the old instance only checkpoints after it) or its end.
+  Minus the *lost* seconds: training after the checkpoint the next attempt resumed from,
+  redone by it (zero with a final checkpoint).
+* **interruption overhead** (what useful excludes, per interruption): *lost* seconds,
+  *recovery* (notice -> replacement launched), *overlap* (replacement launched -> old
+  instance ended: both bill, neither trains) and *boot* (the replacement's seconds after
+  that until training resumed).
+* **baseline** = the useful seconds of each attempt at its type's on-demand rate: what an
+  uninterrupted on-demand run of the same training would have cost.
 * **net saving** = baseline - paid, and as a percentage of the baseline.
 
 On-demand rates come from a bundled table (us-east-1, Linux, USD/hour) rather than the
@@ -24,12 +45,15 @@ offline. Unknown types are an error naming them; `--on-demand-price TYPE=USD` ov
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from trainctl_core.jobs import Job
+from trainctl_core import metrics
+from trainctl_core.jobs import AttemptRecord, InterruptionReason, Job, JobStatus
 
 Market = Literal["spot", "on-demand"]
 
@@ -114,7 +138,7 @@ class PricePoint:
 
 @dataclass(frozen=True)
 class AttemptUsage:
-    """One instance's billed window."""
+    """One instance's billed window, and how much of it was useful training."""
 
     attempt: int
     instance_id: str
@@ -123,10 +147,19 @@ class AttemptUsage:
     market: Market
     started_at: datetime
     ended_at: datetime
+    # What decided `ended_at` (see the module docstring): ec2, agent, checkpoint, launch,
+    # deadline, notice, job-end, next-launch or now.
+    ended_by: str = "now"
+    # Seconds an uninterrupted run would also have billed; None: all of them.
+    useful_seconds: float | None = None
 
     @property
     def seconds(self) -> float:
         return max(0.0, (self.ended_at - self.started_at).total_seconds())
+
+    @property
+    def useful(self) -> float:
+        return self.seconds if self.useful_seconds is None else min(self.seconds, self.useful_seconds)
 
 
 @dataclass(frozen=True)
@@ -137,6 +170,9 @@ class InterruptionOverhead:
     lost_seconds: float | None  # None: the row no longer says what the next attempt resumed from
     recovery_seconds: float | None  # None: no replacement launched yet
     overlap_seconds: float
+    # The replacement's seconds after the overlap until training resumed on it; None: no
+    # replacement yet, or the agent logs do not say when it resumed.
+    boot_seconds: float | None = None
 
 
 def spot_cost(start: datetime, end: datetime, history: Sequence[PricePoint]) -> float:
@@ -168,13 +204,21 @@ class AttemptCost:
     on_demand_usd: float
     on_demand_rate: float
 
+    @property
+    def baseline_usd(self) -> float:
+        return self.usage.useful / 3600.0 * self.on_demand_rate
+
     def as_dict(self) -> dict[str, Any]:
+        usage = asdict(self.usage)
+        usage.pop("useful_seconds")  # None means "all": give the figure itself
         return {
-            **asdict(self.usage),
+            **usage,
             "seconds": self.usage.seconds,
+            "useful_seconds": self.usage.useful,
             "paid_usd": self.paid_usd,
             "on_demand_usd": self.on_demand_usd,
             "on_demand_usd_per_hour": self.on_demand_rate,
+            "baseline_usd": self.baseline_usd,
         }
 
 
@@ -189,7 +233,10 @@ class SavingsReport:
     lost_seconds: float
     recovery_seconds: float
     overlap_seconds: float
+    boot_seconds: float
     unknown_lost: int  # interruptions whose lost seconds are unknown (counted as 0)
+    unknown_boot: int  # replacements whose resume moment is unknown (boot counted as useful)
+    useful_seconds: float
     baseline_usd: float
     net_saving_usd: float
     net_saving_pct: float | None
@@ -209,7 +256,11 @@ def savings_report(
     on_demand_overrides: Mapping[str, float] | None = None,
     notes: Sequence[str] = (),
 ) -> SavingsReport:
-    """The report; `spot_history` is keyed by (instance type, zone) of the spot attempts."""
+    """The report; `spot_history` is keyed by (instance type, zone) of the spot attempts.
+
+    The baseline is each usage's useful seconds at its on-demand rate (`usages_from_job`
+    computes them); `interruptions` only itemise the overhead.
+    """
     costs: list[AttemptCost] = []
     for usage in usages:
         rate = on_demand_rate(usage.instance_type, on_demand_overrides)
@@ -223,17 +274,8 @@ def savings_report(
             paid = spot_cost(usage.started_at, usage.ended_at, history)
         costs.append(AttemptCost(usage=usage, paid_usd=paid, on_demand_usd=on_demand, on_demand_rate=rate))
 
-    rate_of = {c.usage.attempt: c.on_demand_rate for c in costs}
-    lost = sum(i.lost_seconds or 0.0 for i in interruptions)
-    lost_usd = sum((i.lost_seconds or 0.0) / 3600.0 * rate_of.get(i.attempt, 0.0) for i in interruptions)
-    # The overlap is billed by the replacement (attempt + 1) while the old one finishes.
-    overlap_usd = sum(
-        i.overlap_seconds / 3600.0 * rate_of.get(i.attempt + 1, rate_of.get(i.attempt, 0.0))
-        for i in interruptions
-    )
-    on_demand_total = sum(c.on_demand_usd for c in costs)
     paid_total = sum(c.paid_usd for c in costs)
-    baseline = max(0.0, on_demand_total - lost_usd - overlap_usd)
+    baseline = sum(c.baseline_usd for c in costs)
     net = baseline - paid_total
     return SavingsReport(
         job_id=job_id,
@@ -241,11 +283,16 @@ def savings_report(
         interruptions=list(interruptions),
         billed_seconds=sum(u.seconds for u in usages),
         paid_usd=paid_total,
-        on_demand_same_seconds_usd=on_demand_total,
-        lost_seconds=lost,
+        on_demand_same_seconds_usd=sum(c.on_demand_usd for c in costs),
+        lost_seconds=sum(i.lost_seconds or 0.0 for i in interruptions),
         recovery_seconds=sum(i.recovery_seconds or 0.0 for i in interruptions),
         overlap_seconds=sum(i.overlap_seconds for i in interruptions),
+        boot_seconds=sum(i.boot_seconds or 0.0 for i in interruptions),
         unknown_lost=sum(1 for i in interruptions if i.lost_seconds is None),
+        unknown_boot=sum(
+            1 for i in interruptions if i.recovery_seconds is not None and i.boot_seconds is None
+        ),
+        useful_seconds=sum(u.useful for u in usages),
         baseline_usd=baseline,
         net_saving_usd=net,
         net_saving_pct=(net / baseline * 100.0) if baseline > 0 else None,
@@ -253,7 +300,7 @@ def savings_report(
     )
 
 
-# --- from the job row to usages ---------------------------------------------------------------
+# --- what EC2 and the agent say -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -263,82 +310,259 @@ class InstanceFacts:
     instance_type: str
     zone: str | None
     market: Market
+    # When EC2 stopped billing it (stopped or terminated), from its StateTransitionReason.
+    ended_at: datetime | None = None
 
 
-def attempt_windows(job: Job, now: datetime) -> list[tuple[int, str, datetime, datetime]]:
-    """(attempt, instance, start, end) of every launched attempt, in order."""
+# EC2 states whose StateTransitionReason names the moment the instance stopped running.
+ENDED_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
+# "User initiated (2026-01-05 11:00:41 GMT)" on AWS; moto writes "UTC".
+_TRANSITION_TIME = re.compile(r"\((\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}) (?:GMT|UTC)\)")
+
+
+def transition_time(reason: str | None) -> datetime | None:
+    """The moment in an EC2 `StateTransitionReason`, or None when it carries none."""
+    found = _TRANSITION_TIME.search(reason or "")
+    if found is None:
+        return None
+    return datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class AgentMarks:
+    """Moments an attempt's agent reported in its recovery metric lines."""
+
+    resumed_at: datetime | None = None  # training running again (this attempt is a replacement)
+    final_durable_at: datetime | None = None  # its final checkpoint durable and on the row
+
+
+def agent_marks(job: Job, lines: Iterable[tuple[str, str]]) -> dict[int, AgentMarks]:
+    """Per attempt, from `(log stream, message)` pairs of the job's agent log streams.
+
+    Streams are `<job>/<attempt>/<instance>`. TimeToResume is measured from the previous
+    attempt's notice as the row records it, TimeToCheckpoint from the attempt's own
+    notice; a line whose notice is not on the row, or that is not a metric line of this
+    job, is ignored. The first line of each kind wins (an agent reports each once).
+    """
+    resumed: dict[int, datetime] = {}
+    durable: dict[int, datetime] = {}
+    for stream, message in lines:
+        parts = stream.split("/")
+        if len(parts) < 3 or parts[0] != job.job_id or not parts[1].isdigit():
+            continue
+        attempt = int(parts[1])
+        try:
+            line = json.loads(message)
+        except ValueError:
+            continue
+        if not isinstance(line, dict) or line.get(metrics.JOB_ID_FIELD) != job.job_id:
+            continue
+        value = line.get(metrics.VALUE_FIELD)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            continue
+        name = line.get(metrics.METRIC_FIELD)
+        if name == metrics.TIME_TO_RESUME:
+            previous = job.interruption_for(attempt - 1)
+            if previous is not None and attempt not in resumed:
+                resumed[attempt] = previous.noticed_at + timedelta(seconds=value)
+        elif name == metrics.TIME_TO_CHECKPOINT:
+            own = job.interruption_for(attempt)
+            if own is not None and attempt not in durable:
+                durable[attempt] = own.noticed_at + timedelta(seconds=value)
+    return {
+        a: AgentMarks(resumed_at=resumed.get(a), final_durable_at=durable.get(a))
+        for a in sorted(set(resumed) | set(durable))
+    }
+
+
+# --- from the job row to usages -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptWindow:
+    """An attempt's billed window and the part of it in which it trained."""
+
+    attempt: int
+    instance_id: str
+    started_at: datetime
+    ended_at: datetime
+    ended_by: str
+    trained_from: datetime  # == trained_until when it never trained
+    trained_until: datetime
+    resume_known: bool  # trained_from is measured (or the first attempt's launch), not a bound
+
+
+def attempt_windows(
+    job: Job,
+    now: datetime,
+    facts: Mapping[str, InstanceFacts] | None = None,
+    marks: Mapping[int, AgentMarks] | None = None,
+) -> list[AttemptWindow]:
+    """The window of every launched attempt, in order (see the module docstring)."""
+    facts, marks = facts or {}, marks or {}
     records = sorted(job.attempts, key=lambda r: r.attempt)
-    windows = []
+    windows: list[AttemptWindow] = []
     for index, record in enumerate(records):
-        interruption = job.interruption_for(record.attempt)
         following = records[index + 1] if index + 1 < len(records) else None
-        if interruption is not None:
-            # Billing runs until EC2 reclaims the instance (the notice's deadline).
-            end = interruption.deadline or interruption.noticed_at
-        elif following is not None:
-            end = following.launched_at
-        elif job.is_terminal:
-            end = job.updated_at
+        end, ended_by = _end_of(job, record, following, now, facts, marks)
+        interruption = job.interruption_for(record.attempt)
+        # After its notice an attempt only checkpoints (the document's stop mode).
+        until = min(end, interruption.noticed_at) if interruption is not None else end
+        until = max(until, record.launched_at)
+        if index == 0:
+            start, known = record.launched_at, True
         else:
-            end = now
-        windows.append((record.attempt, record.instance_id, record.launched_at, max(end, record.launched_at)))
+            resumed = marks.get(record.attempt, AgentMarks()).resumed_at
+            if resumed is not None:
+                start, known = max(record.launched_at, resumed), True
+            elif job.attempt == record.attempt and job.status == JobStatus.LAUNCHING:
+                start, known = until, True  # still booting: nothing trained yet
+            else:
+                # The agent waits for the row to name the resume point, which the workflow
+                # writes just before it retires the old instance: the earliest it can train.
+                start, known = max(record.launched_at, windows[-1].ended_at), False
+        windows.append(
+            AttemptWindow(
+                attempt=record.attempt,
+                instance_id=record.instance_id,
+                started_at=record.launched_at,
+                ended_at=end,
+                ended_by=ended_by,
+                trained_from=min(start, until),
+                trained_until=until,
+                resume_known=known,
+            )
+        )
     return windows
 
 
-def usages_from_job(job: Job, facts: Mapping[str, InstanceFacts], now: datetime) -> list[AttemptUsage]:
+def _end_of(
+    job: Job,
+    record: AttemptRecord,
+    following: AttemptRecord | None,
+    now: datetime,
+    facts: Mapping[str, InstanceFacts],
+    marks: Mapping[int, AgentMarks],
+) -> tuple[datetime, str]:
+    interruption = job.interruption_for(record.attempt)
+    # A Spot warning's deadline is when AWS reclaims the instance, whatever else happened.
+    bound = (
+        interruption.deadline
+        if interruption is not None and interruption.reason == InterruptionReason.SPOT_WARNING
+        else None
+    )
+    fact = facts.get(record.instance_id)
+    if fact is not None and fact.ended_at is not None:
+        end, ended_by = fact.ended_at, "ec2"
+    elif interruption is None:
+        if following is not None:
+            end, ended_by = following.launched_at, "next-launch"
+        elif job.is_terminal:
+            end, ended_by = job.updated_at, "job-end"
+        else:
+            end, ended_by = now, "now"
+    elif interruption.reason == InterruptionReason.TERMINATED_WITHOUT_NOTICE:
+        end, ended_by = interruption.noticed_at, "notice"
+    elif following is not None:
+        # RetireOldInstance follows RecordReplacement, which follows both the launch and
+        # the checkpoint handshake.
+        handshake: tuple[datetime, str] | None = None
+        durable = marks.get(record.attempt, AgentMarks()).final_durable_at
+        final = job.final_checkpoint
+        if durable is not None:
+            handshake = (durable, "agent")
+        elif final is not None and final.attempt == record.attempt:
+            handshake = (final.created_at, "checkpoint")
+        elif interruption.deadline is not None:
+            handshake = (interruption.deadline, "deadline")  # it timed out, or the row moved on
+        end, ended_by = following.launched_at, "launch"
+        if handshake is not None and handshake[0] > end:
+            end, ended_by = handshake
+    elif job.is_terminal:
+        end, ended_by = job.updated_at, "job-end"
+    else:
+        end, ended_by = now, "now"
+    if bound is not None and end > bound:
+        end, ended_by = bound, "deadline"
+    if end > now:
+        end, ended_by = now, "now"
+    return max(end, record.launched_at), ended_by
+
+
+def usages_from_job(
+    job: Job,
+    facts: Mapping[str, InstanceFacts],
+    now: datetime,
+    marks: Mapping[int, AgentMarks] | None = None,
+) -> list[AttemptUsage]:
     usages = []
-    for attempt, instance_id, start, end in attempt_windows(job, now):
-        fact = facts.get(instance_id)
+    for window in attempt_windows(job, now, facts, marks):
+        fact = facts.get(window.instance_id)
         if fact is None:
-            raise CostError(f"nothing known about instance {instance_id} (attempt {attempt})")
+            raise CostError(f"nothing known about instance {window.instance_id} (attempt {window.attempt})")
+        trained = max(0.0, (window.trained_until - window.trained_from).total_seconds())
+        lost = _lost_seconds(job, window.attempt, window.trained_until, window.started_at)
         usages.append(
             AttemptUsage(
-                attempt=attempt,
-                instance_id=instance_id,
+                attempt=window.attempt,
+                instance_id=window.instance_id,
                 instance_type=fact.instance_type,
                 zone=fact.zone,
                 market=fact.market,
-                started_at=start,
-                ended_at=end,
+                started_at=window.started_at,
+                ended_at=window.ended_at,
+                ended_by=window.ended_by,
+                useful_seconds=trained - min(trained, lost or 0.0),
             )
         )
     return usages
 
 
-def overheads_from_job(job: Job, now: datetime) -> list[InterruptionOverhead]:
-    """Lost, recovery and overlap seconds of each interruption, from what the row records.
+def overheads_from_job(
+    job: Job,
+    now: datetime,
+    facts: Mapping[str, InstanceFacts] | None = None,
+    marks: Mapping[int, AgentMarks] | None = None,
+) -> list[InterruptionOverhead]:
+    """Lost, recovery, overlap and boot seconds of each interruption, from what the row
+    (and EC2 and the agent logs, when given) records.
 
     Lost seconds are known when the interrupted attempt's final checkpoint is on the row
     (nothing lost), when its newest periodic checkpoint is (work after it is lost unless a
     final one landed), or when the next attempt started from scratch; the row keeps only
     the newest checkpoints, so older interruptions can be unknown (reported as such).
     """
-    windows = {a: (start, end) for a, _, start, end in attempt_windows(job, now)}
-    launched = {r.attempt: r.launched_at for r in job.attempts}
+    windows = {w.attempt: w for w in attempt_windows(job, now, facts, marks)}
     overheads = []
     for interruption in sorted(job.interruptions, key=lambda i: i.attempt):
         n = interruption.attempt
-        start, end = windows.get(n, (interruption.noticed_at, interruption.noticed_at))
-        replacement_at = launched.get(n + 1)
+        old, new = windows.get(n), windows.get(n + 1)
+        start = old.started_at if old else interruption.noticed_at
+        end = old.ended_at if old else interruption.noticed_at
         lost = _lost_seconds(job, n, interruption.noticed_at, start)
+        recovery = overlap = boot = None
+        if new is not None:
+            recovery = max(0.0, (new.started_at - interruption.noticed_at).total_seconds())
+            overlap = max(0.0, (end - new.started_at).total_seconds())
+            if new.resume_known:
+                boot = max(0.0, (new.trained_from - max(end, new.started_at)).total_seconds())
         overheads.append(
             InterruptionOverhead(
                 attempt=n,
                 instance_id=interruption.instance_id,
                 noticed_at=interruption.noticed_at,
                 lost_seconds=lost,
-                recovery_seconds=(
-                    max(0.0, (replacement_at - interruption.noticed_at).total_seconds())
-                    if replacement_at
-                    else None
-                ),
-                overlap_seconds=max(0.0, (end - replacement_at).total_seconds()) if replacement_at else 0.0,
+                recovery_seconds=recovery,
+                overlap_seconds=overlap or 0.0,
+                boot_seconds=boot,
             )
         )
     return overheads
 
 
 def _lost_seconds(job: Job, attempt: int, noticed_at: datetime, started_at: datetime) -> float | None:
+    if job.interruption_for(attempt) is None:
+        return 0.0  # not interrupted: nothing it trained is redone
     final = job.final_checkpoint
     if final is not None and final.attempt == attempt:
         return 0.0

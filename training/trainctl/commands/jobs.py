@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from botocore.exceptions import BotoCoreError, ClientError
 from rich import box
 from rich.table import Table
 
+from trainctl.commands import agentlogs
 from trainctl.commands import savings as savings_cmd
 from trainctl.commands.costs import CostError, overheads_from_job
 from trainctl.commands.output import (
@@ -167,11 +168,13 @@ def _progress(job: Job, raw: dict[str, Any], now: datetime) -> dict[str, Any]:
     rate = raw.get("steps_per_second")
     overheads = overheads_from_job(job, now)
     lost_seconds = [o.lost_seconds for o in overheads]
+    known = all(s is not None for s in lost_seconds)
+    total_lost = sum(s or 0.0 for s in lost_seconds)
     lost_steps: int | None = None
-    if overheads and rate and all(s is not None for s in lost_seconds):
-        lost_steps = round(sum(s or 0.0 for s in lost_seconds) * float(rate))
-    elif not overheads:
-        lost_steps = 0
+    if known and total_lost == 0:
+        lost_steps = 0  # no interruption, or final checkpoints only: no rate needed
+    elif known and rate:
+        lost_steps = round(total_lost * float(rate))
     last = job.last_checkpoint
     at_risk = None
     if heartbeat_step is not None and job.status == JobStatus.RUNNING:
@@ -182,7 +185,7 @@ def _progress(job: Job, raw: dict[str, Any], now: datetime) -> dict[str, Any]:
         "steps_per_second": rate,
         "steps_at_risk": at_risk,
         "lost_steps": lost_steps,
-        "lost_seconds": None if None in lost_seconds else sum(s or 0.0 for s in lost_seconds),
+        "lost_seconds": total_lost if known else None,
     }
 
 
@@ -374,26 +377,44 @@ def cancel(
         d = deps(ctx)
         store = _store(cloud)
         job = store.get(job_id)
-        if job.status == JobStatus.CANCELLED:
-            _print_cancel(job, {"already": True}, json_output)
-            return
-        if job.is_terminal:
+        if job.is_terminal and job.status != JobStatus.CANCELLED:
             raise CliError(f"job {job_id} already ended {job.status}; nothing to cancel")
-        result: dict[str, Any] = {"already": False, "checkpoint": None}
-        if checkpoint and job.status == JobStatus.RUNNING and job.instance_id:
-            result["checkpoint"] = _final_checkpoint(cloud, store, job, grace, d)
-        job = _mark_cancelled(store, job_id, d.now)
-        result["stopped_executions"] = _stop_executions(cloud, job_id)
-        result["terminated_instances"] = _terminate_instances(cloud, job_id)
+        already = job.status == JobStatus.CANCELLED
+        result: dict[str, Any] = {"already": already, "checkpoint": None}
+        if not already:
+            if checkpoint and job.status == JobStatus.RUNNING and job.instance_id:
+                result["checkpoint"] = _final_checkpoint(cloud, store, job, grace, d)
+            job = _mark_cancelled(store, job_id, d.now)
+        # Also for a job already CANCELLED: a second `cancel` finishes what a first one
+        # could not (a workflow that had not stopped yet, an instance it launched late).
+        result.update(_stop_and_sweep(cloud, job_id, d))
         _print_cancel(job, result, json_output)
 
 
+# How long cancel waits for the executions it stopped to end before sweeping again.
+STOP_WAIT_SECONDS = 30.0
+STOP_POLL_SECONDS = 1.0
+# SSM invocation states in which `trainctl checkpoint-now` ended without a durable checkpoint.
+FAILED_INVOCATION_STATES = frozenset({"Failed", "TimedOut", "Cancelled"})
+
+
 def _final_checkpoint(cloud: Cloud, store: JobStore, job: Job, grace: float, d: Any) -> dict[str, Any]:
-    """Ask the agent for a checkpoint (SSM document) and wait up to `grace` for it to land."""
+    """Ask the agent for a final checkpoint (SSM document) and wait up to `grace` for it.
+
+    The document runs in stop mode, so the agent records its answer as this attempt's
+    final checkpoint, on the row before `checkpoint-now` returns. That mark, not the step,
+    says it landed: with slow steps the final checkpoint can be at the same step as the
+    newest periodic one. A failed invocation ends the wait early.
+    """
     assert job.instance_id is not None
+    earlier = job.final_checkpoint
+    if earlier is not None and earlier.attempt == job.attempt:
+        # Taken already (say, by a cancel that did not finish): training stopped after it.
+        return {"requested": False, "landed": True, "step": earlier.step, "detail": "taken earlier"}
     before = job.last_checkpoint.step if job.last_checkpoint else None
     requested = d.now()
-    commands = CheckpointCommands(cloud.client("ssm"), cloud.checkpoint_document)
+    ssm = cloud.client("ssm")
+    commands = CheckpointCommands(ssm, cloud.checkpoint_document)
     try:
         command_id = commands.request_checkpoint(
             instance_id=job.instance_id, job_id=job.job_id, deadline=requested + timedelta(seconds=grace)
@@ -406,13 +427,71 @@ def _final_checkpoint(cloud: Cloud, store: JobStore, job: Job, grace: float, d: 
     poll = min(2.0, grace) if grace > 0 else 0.0
     while True:
         current = store.get(job.job_id)
-        last = current.last_checkpoint
-        if last is not None and last.attempt == job.attempt and (before is None or last.step > before):
-            return {"requested": True, "command_id": command_id, "landed": True, "step": last.step}
-        if waited >= grace or current.is_terminal:
-            return {"requested": True, "command_id": command_id, "landed": False, "step": before}
+        final = current.final_checkpoint
+        if final is not None and final.attempt == job.attempt:
+            return {"requested": True, "command_id": command_id, "landed": True, "step": final.step}
+        not_landed = {"requested": True, "command_id": command_id, "landed": False, "step": before}
+        if current.is_terminal or current.attempt != job.attempt:
+            return not_landed
+        failure = _invocation_failure(ssm, command_id, job.instance_id)
+        if failure is not None:
+            return {**not_landed, "detail": failure}
+        if waited >= grace:
+            return not_landed
         d.sleep(poll)
         waited += poll
+
+
+def _invocation_failure(ssm: Any, command_id: str, instance_id: str) -> str | None:
+    """Why the checkpoint command ended without a checkpoint; None while it may still land."""
+    try:
+        invocation = ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
+    except (ClientError, BotoCoreError):
+        # Not registered yet (InvocationDoesNotExist right after SendCommand), or not
+        # allowed to read it: the job row still says when the checkpoint lands.
+        return None
+    status = invocation.get("Status")
+    if status not in FAILED_INVOCATION_STATES:
+        return None
+    lines = str(invocation.get("StandardErrorContent") or "").strip().splitlines()
+    return f"the checkpoint command ended {status}" + (f": {lines[-1]}" if lines else "")
+
+
+def _stop_and_sweep(cloud: Cloud, job_id: str, d: Any) -> dict[str, Any]:
+    """Stop the job's executions and terminate its instances, twice over.
+
+    StopExecution skips the workflow's own clean-up (TerminateReplacement), and a
+    RunInstances it had in flight can land after the first sweep: wait (bounded) for the
+    stopped executions to end, then sweep every attempt's instances again by the job tag.
+    """
+    stopped = _stop_executions(cloud, job_id)
+    first = _terminate_instances(cloud, job_id)
+    running = _await_stopped(cloud, stopped, d)
+    late = [i for i in _terminate_instances(cloud, job_id) if i not in first]
+    return {
+        "stopped_executions": [name for name, _ in stopped],
+        "executions_still_running": running,
+        "terminated_instances": sorted({*first, *late}),
+        "terminated_late": late,
+    }
+
+
+def _await_stopped(cloud: Cloud, stopped: list[tuple[str, str]], d: Any) -> list[str]:
+    """Poll the stopped executions until none is RUNNING (or the bound); the ones still running."""
+    sfn = cloud.client("stepfunctions")
+    pending = list(stopped)
+    waited = 0.0
+    while pending:
+        pending = [
+            (name, arn)
+            for name, arn in pending
+            if sfn.describe_execution(executionArn=arn)["status"] == "RUNNING"
+        ]
+        if not pending or waited >= STOP_WAIT_SECONDS:
+            break
+        d.sleep(STOP_POLL_SECONDS)
+        waited += STOP_POLL_SECONDS
+    return [name for name, _ in pending]
 
 
 def _mark_cancelled(store: JobStore, job_id: str, now: Any) -> Job:
@@ -435,8 +514,8 @@ def _execution_names(job_id: str) -> re.Pattern[str]:
     return re.compile(rf"^{re.escape(job_id)}-(?:\d+|{model.LAUNCH_EXECUTION_SUFFIX})$")
 
 
-def _stop_executions(cloud: Cloud, job_id: str) -> list[str]:
-    """Stop the job's running resume executions (a recovery must not launch anew)."""
+def _stop_executions(cloud: Cloud, job_id: str) -> list[tuple[str, str]]:
+    """Stop the job's running executions (a recovery must not launch anew); (name, arn)s."""
     sfn = cloud.client("stepfunctions")
     mine = _execution_names(job_id)
     stopped = []
@@ -449,7 +528,7 @@ def _stop_executions(cloud: Cloud, job_id: str) -> list[str]:
                     error="trainctl.Cancelled",
                     cause="trainctl cancel",
                 )
-                stopped.append(execution["name"])
+                stopped.append((execution["name"], execution["executionArn"]))
     return stopped
 
 
@@ -484,22 +563,31 @@ def _print_cancel(job: Job, result: dict[str, Any], json_output: bool) -> None:
         emit_json({"job_id": job.job_id, "status": job.status, **result})
         return
     out = console()
-    if result.get("already"):
-        out.print(f"job {job.job_id} was already CANCELLED")
-        return
     ckpt = result.get("checkpoint")
     if ckpt is not None:
         if ckpt.get("landed"):
             out.print(f"final checkpoint: step {ckpt['step']}")
         elif ckpt.get("requested"):
-            out.print("final checkpoint requested but not confirmed in time; the newest periodic one stays")
+            why = f" ({ckpt['detail']})" if ckpt.get("detail") else ""
+            out.print(f"final checkpoint requested but not confirmed{why}; the newest periodic one stays")
         else:
             out.print(f"final checkpoint not possible: {ckpt.get('detail')}")
     for name in result.get("stopped_executions", []):
         out.print(f"stopped workflow {name}")
     terminated = result.get("terminated_instances", [])
-    out.print(f"terminated {', '.join(terminated) if terminated else 'no instances'}")
-    out.print(f"job [bold]{job.job_id}[/] is CANCELLED")
+    late = set(result.get("terminated_late", []))
+    names = [f"{i} (launched while the workflow was being stopped)" if i in late else i for i in terminated]
+    if terminated or not result.get("already"):
+        out.print(f"terminated {', '.join(names) if names else 'no instances'}")
+    for name in result.get("executions_still_running", []):
+        out.print(
+            f"[yellow]workflow {name} had not stopped after {STOP_WAIT_SECONDS:g} s: run "
+            f"`trainctl cancel {job.job_id}` again to sweep what it launches[/]"
+        )
+    if result.get("already"):
+        out.print(f"job {job.job_id} was already CANCELLED")
+    else:
+        out.print(f"job [bold]{job.job_id}[/] is CANCELLED")
 
 
 # --- logs ------------------------------------------------------------------------------------------
@@ -532,22 +620,33 @@ def logs(
         store.get(job_id)  # a typo'd job id is an error, not an empty log
         group = log_group or cloud.agent_log_group
         prefix = f"{job_id}/" if attempt is None else f"{job_id}/{attempt}/"
-        start_ms = int((d.now() - timedelta(minutes=since)).timestamp() * 1000) if since else 0
-        seen: set[str] = set()
+        floor_ms = int((d.now() - timedelta(minutes=since)).timestamp() * 1000) if since else 0
+        client = cloud.client("logs")
+        # Event id -> timestamp of what was printed. Each poll asks again from a window
+        # behind the newest event seen: streams flush independently (the old instance's
+        # last batch can land after the replacement's first lines), so an older event can
+        # still arrive; the ids keep repeats out.
+        seen: dict[str, int] = {}
+        newest = 0
         printed = 0
         try:
             while True:
                 ended = follow and store.get(job_id).is_terminal  # read before the drain
-                for event in _log_events(cloud, group, prefix, start_ms):
+                start_ms = max(floor_ms, newest - FOLLOW_LOOKBACK_MS) if newest else floor_ms
+                streams = agentlogs.job_streams(client, group, prefix)
+                for event in agentlogs.stream_events(client, group, streams, start_ms=start_ms):
                     if event["eventId"] in seen:
                         continue
-                    seen.add(event["eventId"])
-                    start_ms = max(start_ms, int(event["timestamp"]))
+                    seen[event["eventId"]] = int(event["timestamp"])
+                    newest = max(newest, int(event["timestamp"]))
                     _print_log_event(event, json_output)
                     printed += 1
                 if not follow or ended:
                     # A job seen ended before this drain has nothing more to log.
                     break
+                # Ids below the next window cannot come back: forget them.
+                horizon = newest - FOLLOW_LOOKBACK_MS
+                seen = {k: t for k, t in seen.items() if t >= horizon}
                 d.sleep(poll)
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -555,30 +654,9 @@ def logs(
             console().print(f"no log events for {job_id} in {group}")
 
 
-def _log_events(cloud: Cloud, group: str, prefix: str, start_ms: int) -> Iterator[dict[str, Any]]:
-    client = cloud.client("logs")
-    try:
-        streams = [
-            s["logStreamName"]
-            for page in client.get_paginator("describe_log_streams").paginate(
-                logGroupName=group, logStreamNamePrefix=prefix
-            )
-            for s in page.get("logStreams", [])
-        ]
-    except client.exceptions.ResourceNotFoundException:
-        raise CliError(
-            f"log group {group} does not exist",
-            hint="no agent has shipped logs to this stack yet, or pass --log-group",
-        ) from None
-    events: list[dict[str, Any]] = []
-    # filter_log_events takes at most 100 stream names per call.
-    for index in range(0, len(streams), 100):
-        kwargs: dict[str, Any] = {"logGroupName": group, "logStreamNames": streams[index : index + 100]}
-        if start_ms:
-            kwargs["startTime"] = start_ms
-        for page in client.get_paginator("filter_log_events").paginate(**kwargs):
-            events.extend(page.get("events", []))
-    yield from sorted(events, key=lambda e: (e["timestamp"], e["eventId"]))
+# How far behind the newest event `logs --follow` keeps asking: a stream's batch that
+# lands later than this after a newer one from another stream is not printed.
+FOLLOW_LOOKBACK_MS = 5 * 60 * 1000
 
 
 def _print_log_event(event: dict[str, Any], json_output: bool) -> None:

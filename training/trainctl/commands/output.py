@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import click
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from typer.exceptions import TyperException
 
 from trainctl.commands.stack import ENV_STACK, EXIT_FAILURE, EXIT_USAGE, CliError, Cloud, aws_errors
 from trainctl.spec import SpecError
@@ -102,8 +102,8 @@ def reporting(json_output: bool = False) -> Iterator[None]:
         _fail(exc.message, exc.exit_code, exc.hint, json_output)
     except JobError as exc:
         _fail(str(exc), EXIT_FAILURE, None, json_output)
-    except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
-        raise
+    except (typer.Exit, typer.Abort, TyperException):
+        raise  # typer's own control flow and usage errors (typer vendors its click)
     except Exception as exc:
         # A bug, not a condition we know: still one line, with a way to see the traceback.
         if os.environ.get(ENV_DEBUG) == "1":

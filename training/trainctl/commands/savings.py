@@ -1,9 +1,12 @@
 """`trainctl savings`: what Spot saved, per job, from EC2's own records.
 
-The adapter half of the report: EC2 says each attempt's instance type, zone and market
-(`describe_instances`, falling back to the pool the row names for instances EC2 has
-forgotten) and the spot prices in force (`describe_spot_price_history`); the arithmetic
-is `trainctl.commands.costs`, pure and tested against a hand-computed case.
+The adapter half of the report: EC2 says each attempt's instance type, zone, market and,
+for a stopped or terminated instance, when it stopped billing (`describe_instances`,
+falling back to the pool the row names for instances EC2 has forgotten) and the spot
+prices in force (`describe_spot_price_history`); the agent's recovery metric lines in its
+log streams say when training resumed on a replacement and when a final checkpoint was
+durable. The arithmetic is `trainctl.commands.costs`, pure and tested against a
+hand-computed case.
 """
 
 from __future__ import annotations
@@ -14,19 +17,25 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from botocore.exceptions import BotoCoreError, ClientError
 from rich import box
 from rich.table import Table
 
+from trainctl.commands import agentlogs
 from trainctl.commands.costs import (
+    ENDED_STATES,
     ON_DEMAND_TABLE_REGION,
+    AgentMarks,
     AttemptUsage,
     CostError,
     InstanceFacts,
     PricePoint,
     SavingsReport,
     UnknownInstanceType,
+    agent_marks,
     overheads_from_job,
     savings_report,
+    transition_time,
     usages_from_job,
 )
 from trainctl.commands.output import (
@@ -42,11 +51,17 @@ from trainctl.commands.output import (
     reporting,
 )
 from trainctl.commands.stack import EXIT_FAILURE, EXIT_USAGE, CliError, Cloud
+from trainctl_core import metrics
 from trainctl_core.jobs import Job
 from trainctl_core.store import JobStore
 
 # EC2 reports Linux prices under both names depending on the account's platform.
 LINUX_PRODUCTS = ("Linux/UNIX", "Linux/UNIX (Amazon VPC)")
+# The agent's recovery metric lines the report reads (trainctl_core.metrics' contract).
+RECOVERY_LINES_PATTERN = (
+    f'{{ ($.{metrics.METRIC_FIELD} = "{metrics.TIME_TO_RESUME}") || '
+    f'($.{metrics.METRIC_FIELD} = "{metrics.TIME_TO_CHECKPOINT}") }}'
+)
 
 
 class Calculator:
@@ -61,7 +76,8 @@ class Calculator:
     def report(self, job: Job, now: datetime) -> SavingsReport:
         notes: list[str] = []
         facts = self._instance_facts(job, notes)
-        usages = usages_from_job(job, facts, now)
+        marks = self._agent_marks(job, notes)
+        usages = usages_from_job(job, facts, now, marks)
         history = self._spot_history(usages)
         region = self._cloud.region_name
         if region != ON_DEMAND_TABLE_REGION and any(u.instance_type not in self._overrides for u in usages):
@@ -69,14 +85,36 @@ class Calculator:
                 f"on-demand prices are {ON_DEMAND_TABLE_REGION} list prices; {region} may differ "
                 "(override with --on-demand-price TYPE=USD)"
             )
+        overheads = overheads_from_job(job, now, facts, marks)
+        for overhead in overheads:
+            if overhead.recovery_seconds is not None and overhead.boot_seconds is None:
+                notes.append(
+                    f"attempt {overhead.attempt + 1}: when training resumed is not in the agent logs; "
+                    "its boot after the old instance ended counts as useful"
+                )
         return savings_report(
             job.job_id,
             usages,
-            overheads_from_job(job, now),
+            overheads,
             history,
             on_demand_overrides=self._overrides,
             notes=notes,
         )
+
+    def _agent_marks(self, job: Job, notes: list[str]) -> dict[int, AgentMarks]:
+        """When training resumed / final checkpoints were durable, from the agent's lines."""
+        if not job.interruptions:
+            return {}  # nothing to measure: no recovery
+        client = self._cloud.client("logs")
+        group = self._cloud.agent_log_group
+        try:
+            streams = agentlogs.job_streams(client, group, f"{job.job_id}/")
+            events = agentlogs.stream_events(client, group, streams, filter_pattern=RECOVERY_LINES_PATTERN)
+        except (agentlogs.LogGroupMissing, ClientError, BotoCoreError) as exc:
+            # The logs only sharpen the report; without them it falls back to the row.
+            notes.append(f"agent logs not read ({getattr(exc, 'message', exc)}): using the job row only")
+            return {}
+        return agent_marks(job, ((str(e.get("logStreamName", "")), str(e["message"])) for e in events))
 
     def _instance_facts(self, job: Job, notes: list[str]) -> dict[str, InstanceFacts]:
         wanted = [r.instance_id for r in job.attempts if r.instance_id not in self._facts]
@@ -99,10 +137,17 @@ class Calculator:
                         continue
                     described += [i for r in reply.get("Reservations", []) for i in r.get("Instances", [])]
             for instance in described:
+                state = instance.get("State", {}).get("Name")
                 self._facts[instance["InstanceId"]] = InstanceFacts(
                     instance_type=instance["InstanceType"],
                     zone=instance.get("Placement", {}).get("AvailabilityZone"),
                     market="spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+                    # Billing stops with the transition; EC2 writes its moment in the reason.
+                    ended_at=(
+                        transition_time(instance.get("StateTransitionReason"))
+                        if state in ENDED_STATES
+                        else None
+                    ),
                 )
         facts = {}
         for record in job.attempts:
@@ -277,14 +322,15 @@ def _print(
         out.print(f"  paid               ${report.paid_usd:.4f}")
         out.print(f"  on-demand, same    ${report.on_demand_same_seconds_usd:.4f}")
         unknown = f" ({report.unknown_lost} unknown)" if report.unknown_lost else ""
+        unknown_boot = f" ({report.unknown_boot} unknown)" if report.unknown_boot else ""
         out.print(
             f"  overhead           lost {duration(report.lost_seconds)}{unknown}, recovery "
-            f"{duration(report.recovery_seconds)}, overlap {duration(report.overlap_seconds)} "
+            f"{duration(report.recovery_seconds)}, overlap {duration(report.overlap_seconds)}, "
+            f"boot {duration(report.boot_seconds)}{unknown_boot} "
             f"({len(report.interruptions)} interruption(s))"
         )
-        out.print(
-            f"  on-demand baseline ${report.baseline_usd:.4f} (without the lost and overlapping seconds)"
-        )
+        out.print(f"  useful training    {duration(report.useful_seconds)}")
+        out.print(f"  on-demand baseline ${report.baseline_usd:.4f} (the useful seconds at on-demand rates)")
         pct = f" ({report.net_saving_pct:.1f}%)" if report.net_saving_pct is not None else ""
         out.print(f"  [bold]net saving         ${report.net_saving_usd:.4f}{pct}[/]")
         for note in report.notes:

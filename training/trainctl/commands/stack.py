@@ -140,7 +140,10 @@ class Cloud:
                 if error.get("Code") == "ValidationError" and "does not exist" in error.get("Message", ""):
                     raise StackNotDeployed(
                         f"stack {self.stack_name!r} is not deployed in {self.region_name}",
-                        hint=f"deploy it (make deploy), or name another stack with --stack / {ENV_STACK}",
+                        hint=(
+                            "deploy it with `npx cdk deploy` (README, Deploy), or name another "
+                            f"stack with --stack / {ENV_STACK}"
+                        ),
                     ) from None
                 raise
         if not stacks:
@@ -150,7 +153,7 @@ class Cloud:
         if status in UNUSABLE_STACK_STATUSES:
             raise StackNotDeployed(
                 f"stack {self.stack_name!r} is in state {status}",
-                hint="wait for it, or fix and redeploy it (cdk deploy), before using trainctl",
+                hint="wait for it, or fix and redeploy it (`npx cdk deploy`), before using trainctl",
             )
         return {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
 

@@ -26,8 +26,15 @@ from trainctl.checkpoint import Checkpointer
 class TrainctlCallback(TrainerCallback):  # type: ignore[misc]
     def __init__(self, checkpointer: Checkpointer) -> None:
         self.checkpointer = checkpointer
+        self._stepped = False
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if not self._stepped:
+            # The Trainer has read everything it resumes from (model, optimizer, scheduler,
+            # RNG, trainer state) by the end of its first step: the copy fetched for
+            # `resume_from_checkpoint` would only hold disk space for the rest of the run.
+            self._stepped = True
+            self.checkpointer.release_restored_files()
         # trainctl's interval (steps or seconds) or a pending notice makes the Trainer save
         # at the end of this step, on top of the Trainer's own `save_steps`; `on_save`
         # then uploads the folder. (`due` also reports progress to the agent.)

@@ -6,8 +6,10 @@ The handler modules are imported afresh with that environment (their module-scop
 reads settings and builds clients once, as at a Lambda cold start) and called with a
 Lambda-like context. Like Lambda, events are handled concurrently (one invocation per
 event, up to `CONCURRENCY` at once): a burst of warnings must not wait in line for one
-another's handlers. A failed invocation is left on the queue and retried, like Lambda's
-async retries; after three attempts it is parked and reported.
+another's handlers. Each invocation has Powertools' metric state to itself, as each
+Lambda execution environment does (`isolated_metrics`). A failed invocation is left on
+the queue and retried, like Lambda's async retries; after three attempts it is parked
+and reported.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +34,14 @@ logger = logging.getLogger("trainctl.rehearse")
 
 MAX_RECEIVES = 3
 RETRY_SECONDS = 2  # a failed invocation's event is visible again (retried) after this
-CONCURRENCY = 32  # invocations at once (Lambda would run every event of a burst at once)
+# Invocations at once. Lambda would run every event of a burst at once, each in an
+# environment of its own; here they are threads of one process, and moto serves one
+# request at a time (its dispatch is serialised), so more threads only queue on moto
+# (256 barely changed how many of a 200-job burst's checkpoint commands were sent within
+# the notice). 32 keeps duplicate events racing and a burst's warnings overlapping, with
+# fewer threads sharing the handlers' module state (Powertools' Logger keys, the
+# idempotency config's Lambda context; Metrics are made per thread, `isolated_metrics`).
+CONCURRENCY = 32
 
 
 @dataclass
@@ -99,6 +108,103 @@ def load_handlers(provisioned: Provisioned) -> dict[str, Any]:
         module = importlib.import_module(module_name)
         handlers[logical_id] = _without_metrics(getattr(module, attribute))
     return handlers
+
+
+class _PerThreadDict(MutableMapping[str, Any]):
+    """A dict of which every thread sees a copy of its own, starting as `seed()`."""
+
+    def __init__(self, seed: Callable[[], dict[str, Any]]) -> None:
+        self._seed = seed
+        self._local = threading.local()
+
+    @property
+    def _data(self) -> dict[str, Any]:
+        data: dict[str, Any] | None = getattr(self._local, "data", None)
+        if data is None:
+            data = self._local.data = self._seed()
+        return data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._data[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
+class _PerThreadList(MutableSequence[Any]):
+    """A list of which every thread sees a copy of its own, starting empty."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @property
+    def _data(self) -> list[Any]:
+        data: list[Any] | None = getattr(self._local, "data", None)
+        if data is None:
+            data = self._local.data = []
+        return data
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._data[index]
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._data[index] = value
+
+    def __delitem__(self, index: Any) -> None:
+        del self._data[index]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def insert(self, index: int, value: Any) -> None:
+        self._data.insert(index, value)
+
+
+@contextlib.contextmanager
+def isolated_metrics() -> Iterator[None]:
+    """Give every thread its own Powertools metric state while the rehearsal runs.
+
+    The handlers share one `Metrics` (module scope, as in a Lambda environment, where
+    one invocation runs at a time). Its metric, dimension and metadata sets are plain
+    dicts: invocations on concurrent threads would add to, overwrite ("Dimension ...
+    has already been added") and clear one another's, and a set that reaches 100
+    values is printed as EMF to stdout, which `--json` reserves for the report. Per
+    thread, each invocation sees only its own, as it would on Lambda.
+    """
+    from trainctl_core.observability import metrics
+
+    provider = metrics.provider
+
+    def defaults() -> dict[str, Any]:
+        return {k: str(v) for k, v in provider.default_dimensions.items()}
+
+    # Where the provider keeps its state (it reads and clears these attributes only).
+    per_thread: dict[str, Any] = {
+        "metric_set": _PerThreadDict(dict),
+        "dimension_set": _PerThreadDict(defaults),
+        "metadata_set": _PerThreadDict(dict),
+        "dimension_sets": _PerThreadList(),
+    }
+    saved = {name: getattr(provider, name) for name in per_thread}
+    for name, value in per_thread.items():
+        setattr(provider, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(provider, name, value)
 
 
 def _without_metrics(handler: Any) -> Any:

@@ -288,7 +288,13 @@ class _Resolver:
     """Resolves the intrinsics the rehearsal needs (Ref / Fn::GetAtt of created resources)."""
 
     def __init__(self) -> None:
-        self.refs: dict[str, str] = {}
+        # CloudFormation's pseudo parameters, as moto's account and region have them.
+        self.refs: dict[str, str] = {
+            "AWS::Partition": "aws",
+            "AWS::Region": REGION,
+            "AWS::AccountId": ACCOUNT,
+            "AWS::URLSuffix": "amazonaws.com",
+        }
         self.attrs: dict[tuple[str, str], str] = {}
 
     def resolve(self, value: Any) -> Any:

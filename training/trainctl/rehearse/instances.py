@@ -5,9 +5,11 @@ After the boot delay each one becomes a local process running the real agent
 (`trainctl agent -- <training command>`) with its own fake IMDSv2 endpoint, agent socket,
 staging and working directory (a replacement starts on an empty disk, as on EC2), and the
 standard `AWS_ENDPOINT_URL` / `AWS_EC2_METADATA_SERVICE_ENDPOINT` pointing at moto and at
-its IMDS. EC2's side is emulated too: an instance terminated in moto has its processes
-SIGKILLed, every instance that ends emits the state-change events EC2 would, and an
-instance whose agent exits on its own shuts down (terminates).
+its IMDS. Each process tree is tied to the rehearsal (`tether.py`): it dies with the
+rehearsal process even when that is killed outright. EC2's side is emulated too: an
+instance terminated in moto has its processes SIGKILLed, every instance that ends emits
+the state-change events EC2 would, and an instance whose agent exits on its own shuts
+down (terminates).
 
 `SsmAgent` stands in for the SSM agent on each instance: a command sent to an instance id
 runs the document's command on *that* instance only, against that instance's agent socket.
@@ -23,7 +25,6 @@ import logging
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from trainctl.agent.fake_imds import FakeImds
+from trainctl.rehearse.tether import kill_tree, tethered
 from trainctl_core.settings import SSM_PARAM_DEADLINE, SSM_PARAM_JOB_ID, TAG_ATTEMPT, TAG_JOB_ID, TAG_MANAGED
 
 logger = logging.getLogger("trainctl.rehearse")
@@ -94,36 +96,26 @@ class Instance:
         return self.handle is not None and self.killed_at is None and self.ended_at is None
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (the training child runs in its own session)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry))
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        for child in children.get(current, []):
-            found.append(child)
-            frontier.append(child)
-    return found
-
-
 class ProcessHandle:
-    """The agent process (and, below it, the training process) of one instance."""
+    """The agent process (and, below it, the training process) of one instance.
+
+    Started through the tether (`trainctl.rehearse.tether`), in a session of its own: the
+    whole tree dies with the rehearsal process, however that ends.
+    """
 
     def __init__(self, argv: list[str], *, env: Mapping[str, str], cwd: Path, log_path: Path) -> None:
         self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the process's lifetime
         self.env = dict(env)
+        command, fds = tethered(argv)
         self.process = subprocess.Popen(
-            argv, env=self.env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=self.env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=fds,
         )
 
     def poll(self) -> int | None:
@@ -134,26 +126,37 @@ class ProcessHandle:
 
     def kill(self) -> None:
         """SIGKILL the whole tree at once: the machine is gone, nothing gets to clean up."""
-        victims = [self.process.pid, *descendants(self.process.pid)]
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(self.process.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
         if not self._log.closed:
             self._log.close()
 
     def run_command(self, argv: list[str], timeout: float) -> int:
-        """Run a command "on this instance" (SSM's aws:runShellScript), with its environment."""
+        """Run a command "on this instance" (SSM's aws:runShellScript), with its environment.
+
+        Not through the tether: the command (`trainctl checkpoint-now`) talks to this
+        instance's agent, and ends as soon as the agent is gone, which the tether sees to;
+        a launcher per command would cost a process start in the middle of the notice.
+        """
+        process = subprocess.Popen(
+            argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # stopped by the rehearsal, not by the terminal's Ctrl-C
+        )
         try:
-            done = subprocess.run(argv, env=self.env, capture_output=True, timeout=timeout, check=False)
+            _, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            kill_tree(process.pid)
+            process.communicate()
             return 124
-        if done.returncode != 0:
-            logger.info(
-                "ssm command exited %s: %s", done.returncode, done.stderr.decode(errors="replace")[-500:]
-            )
-        return done.returncode
+        if process.returncode != 0:
+            tail = stderr.decode(errors="replace")[-500:]
+            logger.info("ssm command exited %s: %s", process.returncode, tail)
+        return process.returncode
 
 
 Spawner = Callable[[Instance, Mapping[str, str]], Handle]
@@ -416,7 +419,7 @@ class SsmAgent:
         self._seen: set[str] = set()
         self._documents: dict[str, tuple[list[str], dict[str, str]]] = {}
         self.deliveries: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # guards `deliveries`
         self._tick_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closed = threading.Event()
@@ -468,7 +471,7 @@ class SsmAgent:
                     "finished_at": None,
                     "exit_code": None,
                 }
-                with self._lock:
+                with self.lock:
                     self.deliveries.append(record)
                 if instance is None or not instance.online:
                     record["exit_code"] = "undeliverable"  # like SSM: the instance is not online

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -41,7 +42,9 @@ from trainctl import runtime_env as env
 from trainctl.rehearse import bridge, verdict
 from trainctl.rehearse.cloud import CREDENTIALS, REGION, MotoCloud, PoolSpec, Provisioned, provision
 from trainctl.rehearse.instances import Ec2Event, Fleet, FleetConfig, Instance, Spawner, SsmAgent
+from trainctl.rehearse.interrupts import StopRequest
 from trainctl.rehearse.stack import StackSpec, load_stack
+from trainctl.rehearse.tether import kill_tree, tethered
 from trainctl_core import jobs
 from trainctl_core.checkpoints import LocalCheckpointStorage, S3CheckpointStorage
 from trainctl_core.settings import ENV_NOTICE_SECONDS, SPOT_NOTICE_SECONDS
@@ -53,7 +56,12 @@ EXAMPLES_DIR = REPO_ROOT / "training" / "examples"
 DEFAULT_EXAMPLE = "tiny_train"
 SPOT_WARNING = "EC2 Spot Instance Interruption Warning"
 REBALANCE = "EC2 Instance Rebalance Recommendation"
+REBALANCE_LEAD_SECONDS = 600  # the longest a rehearsed warning trails its recommendation
 DEFAULT_TIME_SCALE = 0.05
+# The default --timeout: never below the old fixed default, and twice the estimate of
+# `default_timeout_seconds` (a loaded machine runs everything slower than the reference).
+MIN_DEFAULT_TIMEOUT_SECONDS = 600.0
+START_SECONDS = 30.0  # an attempt's process starts, RUNNING, first progress report (generous)
 
 
 def launch_execution_name(job_id: str) -> str:
@@ -80,7 +88,9 @@ class Options:
     jobs: int = 1
     simultaneous: bool = False  # interrupt every job at once (burst)
     environment: dict[str, str] = field(default_factory=dict)
-    timeout_seconds: float = 600.0
+    # Seconds the interrupted run may take once the reference is done (None: computed
+    # from the scenario, `default_timeout_seconds`).
+    timeout_seconds: float | None = None
     workdir: Path | None = None
     keep_workdir: bool = False
     spawn: Spawner | None = None  # lightweight instances (bench); default: real processes
@@ -108,6 +118,8 @@ class Options:
             raise RehearsalError("--time-scale must be in (0, 1] (1 = real AWS timings)")
         if self.jobs < 1:
             raise RehearsalError("jobs must be >= 1")
+        if self.timeout_seconds is not None and not self.timeout_seconds > 0:
+            raise RehearsalError("--timeout must be > 0 seconds")
 
     @property
     def fractions(self) -> list[float]:
@@ -118,6 +130,43 @@ class Options:
     @property
     def notice_seconds(self) -> int:
         return max(2, round(SPOT_NOTICE_SECONDS * self.time_scale))
+
+    def timeout_for(self, reference_seconds: float) -> float:
+        """The timeout this rehearsal runs with: the one given, or the computed default."""
+        if self.timeout_seconds is not None:
+            return self.timeout_seconds
+        return default_timeout_seconds(self, reference_seconds)
+
+
+def default_timeout_seconds(options: Options, reference_seconds: float, cpus: int | None = None) -> float:
+    """How long the interrupted run may take before the rehearsal gives up (and fails).
+
+    An estimate of the slowest legitimate run, doubled, never below 600 s:
+
+    * training: the reference's duration once per attempt (a script that ignores its
+      resume point redoes everything), times the jobs per core when several share them;
+    * per interruption: the notice (a script that ignores `should_stop()` trains on until
+      the reclaim), with `--rebalance-first` the longest a warning trails its
+      recommendation, the launch backoff rounds when pools have no capacity, and the boot
+      delay plus the replacement's process starts.
+
+    All AWS durations are time-scaled as the rehearsal scales them.
+    """
+    from infra.workflows.render import DEFAULT_LAUNCH_BACKOFF_SECONDS, DEFAULT_LAUNCH_ROUNDS
+
+    cores = max(1, cpus or os.cpu_count() or 1)
+    attempts = options.interruptions + 1
+    training = reference_seconds * attempts * max(1.0, options.jobs / cores)
+    per_interruption = options.notice_seconds + options.boot_seconds + START_SECONDS
+    if options.rebalance_first:
+        per_interruption += REBALANCE_LEAD_SECONDS * options.time_scale
+    if options.capacity_errors:
+        # Rounds over every pool, the backoff doubling between them.
+        backoff = sum(DEFAULT_LAUNCH_BACKOFF_SECONDS * 2**k for k in range(DEFAULT_LAUNCH_ROUNDS - 1))
+        per_interruption += backoff * options.time_scale
+    # The first launch (boot, process starts) as for any attempt.
+    estimate = training + options.boot_seconds + START_SECONDS + options.interruptions * per_interruption
+    return max(MIN_DEFAULT_TIMEOUT_SECONDS, math.ceil(2 * estimate))
 
 
 def resolve_script(name: str | None) -> Path:
@@ -148,7 +197,10 @@ class AttemptTrack:
     max_step: int | None = None  # newest step known trained: heartbeats and checkpoints
     heartbeat_step: int | None = None  # newest step from a heartbeat of this attempt
     checkpoint_step: int | None = None  # newest checkpoint of this attempt on the row
-    final_seen_at: float | None = None  # the final checkpoint appeared on the row
+    # This attempt's final checkpoint: begun (its `created_at`, the script's save call)
+    # and recorded durable on the row (the write's `updated_at`, see `_observe`).
+    final_started_at: float | None = None
+    final_durable_at: float | None = None
     first_step: int | None = None  # the step of this attempt's first progress report
 
     @property
@@ -245,7 +297,14 @@ def base_environment(options: Options) -> dict[str, str]:
     return environment
 
 
-def run_reference(options: Options, job_id: str, directory: Path) -> dict[str, Any]:
+def run_reference(
+    options: Options,
+    job_id: str,
+    directory: Path,
+    started: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the script once, uninterrupted and without the agent; `started` is handed the
+    process (so that the rehearsal can stop it if it is itself stopped)."""
     directory.mkdir(parents=True, exist_ok=True)
     environment = {
         **base_environment(options),
@@ -255,21 +314,27 @@ def run_reference(options: Options, job_id: str, directory: Path) -> dict[str, A
         env.CHECKPOINT_KEEP: "100",
         "TRAIN_OUTPUT": str(directory / "final_model.bin"),
     }
-    started = time.time()
+    began = time.time()
+    command, fds = tethered(training_command(options))
     with open(directory / "reference.log", "wb") as log:
-        done = subprocess.run(
-            training_command(options),
+        process = subprocess.Popen(
+            command,
             env=environment,
             cwd=directory,
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            check=False,
+            start_new_session=True,  # stopped by the rehearsal, not by the terminal's Ctrl-C
+            pass_fds=fds,
         )
-    seconds = time.time() - started
+        if started is not None:
+            started(process)
+        returncode = process.wait()
+    seconds = time.time() - began
     tail = (directory / "reference.log").read_text(errors="replace").splitlines()[-15:]
-    if done.returncode != 0:
+    if returncode != 0:
         raise RehearsalError(
-            f"the uninterrupted reference run failed (exit {done.returncode}):\n" + "\n".join(tail)
+            f"the uninterrupted reference run failed (exit {returncode}):\n" + "\n".join(tail)
         )
     storage = LocalCheckpointStorage(str(directory / "checkpoints"), job_id)
     digests = verdict.checkpoint_digests(storage, job_id)
@@ -290,14 +355,27 @@ def run_reference(options: Options, job_id: str, directory: Path) -> dict[str, A
 
 
 class Rehearsal:
-    def __init__(self, options: Options, *, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        options: Options,
+        *,
+        progress: Callable[[str], None] | None = None,
+        stop: StopRequest | None = None,
+    ) -> None:
         options.validate()
         self.options = options
         self.progress = progress or (lambda _line: None)
+        # A stop request (a signal, see `interrupts.py`) is honoured between steps.
+        self.stop = stop or StopRequest()
         self.cloud = MotoCloud()
         self.timeline: list[dict[str, Any]] = []
         self.started = time.time()
         self.ticks = 0  # iterations of the loop so far
+        self.timeout_seconds: float | None = None  # set once the reference is done
+        self.timed_out: str | None = None  # why the run was given up on (a timeout)
+        self._reference_process: subprocess.Popen[bytes] | None = None
+        self._reference_lock = threading.Lock()
+        self._stopping = False  # set on the way out: a reference starting now is killed
 
     def mark(self, what: str, **details: Any) -> None:
         self.timeline.append({"t": round(time.time() - self.started, 3), "event": what, **details})
@@ -307,34 +385,61 @@ class Rehearsal:
         owns_workdir = options.workdir is None
         workdir = options.workdir or Path(tempfile.mkdtemp(prefix="trainctl-rehearse-"))
         workdir.mkdir(parents=True, exist_ok=True)
-        # AF_UNIX paths are limited to ~107 bytes: sockets get a short directory of their own.
-        socket_root = Path(tempfile.mkdtemp(prefix="trh-", dir="/tmp"))
+        # AF_UNIX paths are limited to ~107 bytes: sockets get a short directory of their
+        # own, in the temporary directory if its path is short, else in /tmp.
+        temp = tempfile.gettempdir()
+        socket_root = Path(tempfile.mkdtemp(prefix="trh-", dir=temp if len(temp) <= 40 else "/tmp"))
         base = f"rehearse-{uuid.uuid4().hex[:6]}"
         job_ids = [base] if options.jobs == 1 else [f"{base}-{n:03d}" for n in range(options.jobs)]
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rehearse-reference")
         try:
             with quiet_logs():
-                with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-                    reference_future = (
-                        pool.submit(run_reference, options, base, workdir / "reference")
-                        if options.reference is None
-                        else None
-                    )
-                    self.progress("synthesizing the stack and starting moto...")
-                    stack = load_stack()
-                    self.cloud.start()
-                    provisioned = provision(self.cloud, stack, time_scale=options.time_scale)
-                    self.mark("provisioned")
-                    self.progress("provisioned from the synthesized stack; waiting for the reference run...")
-                    reference = (
-                        reference_future.result() if reference_future else dict(options.reference or {})
-                    )
+                reference_future = (
+                    pool.submit(run_reference, options, base, workdir / "reference", self._reference_started)
+                    if options.reference is None
+                    else None
+                )
+                self.progress("synthesizing the stack and starting moto...")
+                stack = load_stack()
+                self.stop.check()
+                self.cloud.start()
+                provisioned = provision(self.cloud, stack, time_scale=options.time_scale)
+                self.mark("provisioned")
+                self.progress("provisioned from the synthesized stack; waiting for the reference run...")
+                reference = (
+                    self._await(reference_future) if reference_future else dict(options.reference or {})
+                )
                 self.mark("reference done", steps=reference["steps"])
                 return self._rehearse(stack, provisioned, reference, job_ids, workdir, socket_root)
         finally:
+            # Stopped early (an error, Ctrl-C, SIGTERM): the reference run must not be
+            # waited for, nor outlive the rehearsal.
+            with self._reference_lock:
+                self._stopping = True
+                process = self._reference_process
+            if process is not None and process.poll() is None:
+                kill_tree(process.pid)
+            pool.shutdown(wait=True, cancel_futures=True)
             self.cloud.stop()
             shutil.rmtree(socket_root, ignore_errors=True)
             if owns_workdir and not options.keep_workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
+
+    def _await(self, future: concurrent.futures.Future[dict[str, Any]]) -> dict[str, Any]:
+        """The reference run's result; a stop request is honoured while it runs."""
+        while True:
+            self.stop.check()
+            try:
+                return future.result(timeout=0.25)
+            except concurrent.futures.TimeoutError:
+                continue
+
+    def _reference_started(self, process: subprocess.Popen[bytes]) -> None:
+        with self._reference_lock:
+            self._reference_process = process
+            stopping = self._stopping
+        if stopping:  # the rehearsal is already on its way out
+            kill_tree(process.pid)
 
     def _rehearse(
         self,
@@ -400,13 +505,14 @@ class Rehearsal:
         from trainctl_core.workflow import resume_input
 
         store = JobStore(ddb, provisioned.jobs_table)
-        with bridge.patched_environ(handler_env):
+        with bridge.patched_environ(handler_env), bridge.isolated_metrics():
             handlers = bridge.load_handlers(provisioned)
             dispatcher = bridge.Dispatcher(
                 sqs, provisioned.handler_queues, handlers, redeliver=options.duplicate_events
             ).start()
             try:
                 ssm_agent.start()
+                self.timeout_seconds = options.timeout_for(float(reference.get("seconds", 0.0)))
                 tracks = [self._plan(job_id, reference["steps"]) for job_id in job_ids]
                 for track in tracks:
                     self._submit(store, sfn, provisioned.state_machine_arn, resume_input, track.job_id, pools)
@@ -492,19 +598,24 @@ class Rehearsal:
         provisioned: Provisioned,
         dispatcher: bridge.Dispatcher,
     ) -> None:
-        options = self.options
-        deadline = time.time() + options.timeout_seconds
+        assert self.timeout_seconds is not None
+        deadline = time.time() + self.timeout_seconds
         settle_until: float | None = None
         last_line = ""
         while True:
             now = time.time()
             if now > deadline:
+                # Given up on: a fail (something did not make progress), reported with
+                # what was observed so far and what an operator would look at first.
                 self.mark("timeout")
-                raise RehearsalError(
-                    f"the rehearsal did not finish within {options.timeout_seconds:.0f} s: "
+                self.timed_out = (
+                    f"the rehearsal did not finish within its timeout ({self.timeout_seconds:.0f} s; "
+                    "--timeout): "
                     + "; ".join(f"{t.job_id} {t.status} attempt {t.attempt}" for t in tracks)
                     + self._diagnose(sfn, provisioned, dispatcher)
                 )
+                return
+            self.stop.check()
             self.ticks += 1
             fleet.tick(now)
             read_at = time.time()
@@ -532,7 +643,10 @@ class Rehearsal:
                     and not self._executions_running(sfn, provisioned)
                 ):
                     break
-            time.sleep(0.05 if len(tracks) <= 4 else 0.25)
+            # Each pass lists every instance and job row: with hundreds of jobs a pass costs
+            # moto (one lock, one process) far more, so it comes less often. Reclaims and
+            # SSM deliveries have threads of their own and do not wait for it.
+            time.sleep(0.05 if len(tracks) <= 4 else 0.25 if len(tracks) <= 20 else 1.0)
 
     def _read_rows(
         self, store: Any, ddb: Any, table: str, tracks: list[JobTrack]
@@ -590,8 +704,14 @@ class Rehearsal:
         if current.resume_kind is None and point:
             current.resume_kind = point.get("kind")
             current.resume_step = point.get("step")
+        # Phases are timed by the row's own timestamps, not by when this loop read the row
+        # (under load a pass takes seconds): `updated_at` of the write that made the
+        # change, or of a later write if one came before this read (an upper bound, never
+        # later than the read), `heartbeat_at` of a progress report.
+        updated = _parse_time(row.get("updated_at"))
+        written_at = min(now, updated.timestamp()) if updated is not None else now
         if status == "RUNNING" and current.running_at is None:
-            current.running_at = now
+            current.running_at = written_at
         heartbeat_at = _parse_time(row.get("heartbeat_at"))
         step = row.get("heartbeat_step")
         # A heartbeat belongs to this attempt only if written after it was launched (the
@@ -608,8 +728,8 @@ class Rehearsal:
             if current.resumed_at is None:
                 # The first progress report of an attempt is sent after its first step, so
                 # it says where training really restarted (a script that ignores the
-                # resume point shows here) and when.
-                current.resumed_at = now
+                # resume point shows here) and when (its heartbeat's own time).
+                current.resumed_at = min(now, heartbeat_at.timestamp())
                 current.first_step = int(step)
                 if attempt > 0:
                     self.mark("training resumed", job_id=track.job_id, attempt=attempt, step=int(step))
@@ -619,14 +739,18 @@ class Rehearsal:
                 owner = track.track(int(checkpoint["attempt"]))
                 owner.saw_step(int(checkpoint["step"]))
                 owner.checkpoint_step = max(owner.checkpoint_step or 0, int(checkpoint["step"]))
-                if key == "final_checkpoint" and owner.final_seen_at is None:
-                    owner.final_seen_at = now
+                if key == "final_checkpoint" and owner.final_durable_at is None:
+                    # Recorded by `record_checkpoint`, which stamps `updated_at`; no
+                    # earlier than the checkpoint began (its own `created_at`).
+                    begun = _parse_time(checkpoint.get("created_at"))
+                    owner.final_started_at = begun.timestamp() if begun is not None else None
+                    owner.final_durable_at = max(written_at, owner.final_started_at or written_at)
         if status in ("SUCCEEDED", "FAILED", "CANCELLED") and track.finished_at is None:
             track.finished_at = now
             if status == "SUCCEEDED" and current.resumed_at is None:
                 # Resumed at the very last step: the replacement had nothing left to train,
                 # so it never reported progress; it is back (and done) when the job is.
-                current.resumed_at = now
+                current.resumed_at = written_at
         # Fill in what followed each injected interruption.
         for plan in track.done_plans:
             outcome = plan.outcome
@@ -634,7 +758,8 @@ class Rehearsal:
             lost_attempt = track.attempts.get(outcome.attempt)
             if lost_attempt is not None:
                 outcome.last_step = lost_attempt.max_step
-                outcome.checkpoint_durable_at = lost_attempt.final_seen_at
+                outcome.checkpoint_started_at = lost_attempt.final_started_at
+                outcome.checkpoint_durable_at = lost_attempt.final_durable_at
             old = fleet.instances.get(outcome.instance_id)
             if old is not None:
                 outcome.killed_at = old.killed_at
@@ -754,8 +879,9 @@ class Rehearsal:
             outbox.append(Ec2Event(REBALANCE, instance, {}, moment))
             plan.rebalanced_at = moment
             # If training never gets past the rebalance checkpoint (it stopped, or the
-            # checkpoint failed), the warning still comes, one notice period later.
-            plan.warn_at = moment + self.options.notice_seconds
+            # checkpoint failed), the warning still comes: ten minutes later, time-scaled
+            # (a recommendation tends to come minutes ahead of an interruption, if at all).
+            plan.warn_at = moment + REBALANCE_LEAD_SECONDS * self.options.time_scale
             return
         self._warn(track, plan, instance, fleet, moment, outbox)
 
@@ -907,6 +1033,24 @@ class Rehearsal:
             )
         if dispatcher.parked:
             failures.append(f"{len(dispatcher.parked)} event(s) failed in the handlers after every retry")
+        with ssm_agent.lock:
+            deliveries = list(ssm_agent.deliveries)
+        commands = [
+            {
+                "command_id": d["command_id"],
+                "job_id": d["job_id"],
+                "instance_id": d["instance_id"],
+                "sent_at": self._since_start(d["sent_at"]),
+                "delivered_at": self._since_start(d["delivered_at"]),
+                "exit_code": d["exit_code"],
+            }
+            for d in deliveries
+        ]
+        failures.extend(
+            verdict.command_problems(((o.job_id, o.instance_id, o.kind) for o in all_outcomes), commands)
+        )
+        if self.timed_out:
+            failures.insert(0, self.timed_out)
         passed = not failures
         final_sha = finals[0] if len(finals) == 1 else (finals[0] if len(set(finals)) == 1 else None)
         with self.cloud.faults.lock:
@@ -938,14 +1082,30 @@ class Rehearsal:
             "duplicate_replacements": duplicates_total,
             "pools_tried": pools_tried,
             "checkpoint_kinds": [o.checkpoint_kind for o in all_outcomes],
-            "interruption_details": [self._detail(plan) for plan in injected],
+            "interruption_details": [self._detail(plan, deliveries) for plan in injected],
             "events_emitted": len(fleet.emitted) * (2 if self.options.duplicate_events else 1),
             "handler_invocations": len(invocations),
             "handler_errors": sum(1 for i in invocations if i.error),
-            "ssm_deliveries": sum(1 for d in ssm_agent.deliveries if d.get("delivered_at")),
+            # Each failed invocation (it was retried, or parked after the last retry).
+            "handler_failures": [
+                {
+                    "function": i.function,
+                    "detail_type": i.detail_type,
+                    "event_id": i.event_id,
+                    "instance_id": i.instance_id,
+                    "at": self._since_start(i.at),
+                    "error": i.error,
+                }
+                for i in invocations
+                if i.error
+            ],
+            "ssm_deliveries": sum(1 for d in deliveries if d.get("delivered_at")),
+            "ssm_commands": commands,
             "notice_seconds": self.options.notice_seconds,
             "boot_seconds": self.options.boot_seconds,
             "time_scale": self.options.time_scale,
+            "timeout_seconds": self.timeout_seconds,
+            "timed_out": self.timed_out is not None,
             "reference_seconds": round(float(reference.get("seconds", 0.0)), 3),
             "wall_seconds": round(time.time() - self.started, 3),
             "per_job": per_job,
@@ -953,29 +1113,49 @@ class Rehearsal:
         }
         return result
 
-    def _detail(self, plan: Plan) -> dict[str, Any]:
+    def _since_start(self, moment: float | None) -> float | None:
+        """Seconds since the rehearsal started, like the timeline's `t`."""
+        return None if moment is None else round(moment - self.started, 3)
+
+    def _detail(self, plan: Plan, deliveries: list[dict[str, Any]]) -> dict[str, Any]:
         """One interruption's outcome, with when it was injected (seconds since the start,
         like the timeline's `t`): `noticed_at` the Spot warning (the loss itself without
         notice), `rebalance_at` the recommendation before it and `rebalance_checkpoint_step`
         the checkpoint that recommendation made durable (None: none), `tick` the loop
-        iteration that injected it."""
-        assert plan.outcome is not None
-
-        def since(moment: float | None) -> float | None:
-            return None if moment is None else round(moment - self.started, 3)
-
+        iteration that injected it. `breakdown_seconds.ssm_sent`: when the handler sent the
+        warning's checkpoint command (SSM's RequestedDateTime; delivered or not)."""
+        outcome = plan.outcome
+        assert outcome is not None
+        since = self._since_start
+        sent = min(
+            (
+                d["sent_at"]
+                for d in deliveries
+                if d["instance_id"] == outcome.instance_id and d["sent_at"] >= outcome.noticed_at
+            ),
+            default=None,
+        )
+        detail = outcome.as_dict()
+        detail["breakdown_seconds"] = {"ssm_sent": outcome.since_notice(sent), **detail["breakdown_seconds"]}
         return {
-            **plan.outcome.as_dict(),
-            "noticed_at": since(plan.outcome.noticed_at),
+            **detail,
+            "overhead_seconds": outcome.overhead_seconds(self.options.boot_seconds),
+            "noticed_at": since(outcome.noticed_at),
             "rebalance_at": since(plan.rebalanced_at),
             "rebalance_checkpoint_step": plan.rebalance_step,
             "tick": plan.tick,
         }
 
 
-def rehearse(options: Options, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run one rehearsal and return its report (see `trainctl rehearse --json`)."""
-    return Rehearsal(options, progress=progress).run()
+def rehearse(
+    options: Options,
+    *,
+    progress: Callable[[str], None] | None = None,
+    stop: StopRequest | None = None,
+) -> dict[str, Any]:
+    """Run one rehearsal and return its report (see `trainctl rehearse --json`); raises
+    `Interrupted` when `stop` is requested, after stopping everything it started."""
+    return Rehearsal(options, progress=progress, stop=stop).run()
 
 
 def to_json(result: dict[str, Any]) -> str:
@@ -991,8 +1171,8 @@ def quiet_logs() -> Any:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
-            # Handlers run concurrently and share Powertools' Metrics, whose metrics the
-            # rehearsal drops (no CloudWatch): an emptied flush warns about nothing.
+            # An invocation that failed before it added a metric flushes an empty set:
+            # nothing to publish, and no CloudWatch here anyway.
             warnings.filterwarnings(
                 "ignore", message="No application metrics to publish", category=UserWarning
             )

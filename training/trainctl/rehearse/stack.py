@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -194,6 +195,14 @@ def load_stack(cache: Path | None = None) -> StackSpec:
 
 def synthesize() -> dict[str, Any]:
     """Run the app factory (with `REHEARSAL_CONTEXT`) in a subprocess; return the template."""
+    # CDK's Python library runs its constructs in Node.js (jsii): without it, synth fails
+    # with a long traceback whose last line does not say so.
+    node = os.environ.get("JSII_NODE", "node")
+    if shutil.which(node) is None:
+        raise StackError(
+            f"synthesizing the stack needs Node.js, and {node!r} is not on PATH: install Node.js "
+            "20 or newer, as the README says, or point JSII_NODE at it"
+        )
     with tempfile.TemporaryDirectory(prefix="trainctl-synth-") as outdir:
         environment = {
             **os.environ,

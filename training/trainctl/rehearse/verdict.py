@@ -7,7 +7,8 @@ both judge a run the same way:
   files of the final checkpoint;
 * no noticed interruption lost a step (lost steps = the last step trained before the loss
   minus the step the next attempt resumed from);
-* every interruption was recovered by exactly one replacement.
+* every interruption was recovered by exactly one replacement;
+* every checkpoint command went to an instance its job was warned about, and no other.
 
 When the artifacts differ, `divergence` compares the checkpoints both runs wrote at the
 same steps (file hashes from their manifests) and names the first step that differs and
@@ -17,7 +18,8 @@ which attempt wrote it, so a user sees where their resume logic goes wrong.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,7 @@ class InterruptionOutcome:
     kind: str  # "notice" | "rebalance+notice" | "no-notice"
     noticed_at: float
     ssm_delivered_at: float | None = None
+    checkpoint_started_at: float | None = None
     checkpoint_durable_at: float | None = None
     replacement_launched_at: float | None = None
     replacement_booted_at: float | None = None
@@ -67,6 +70,15 @@ class InterruptionOutcome:
     def since_notice(self, moment: float | None) -> float | None:
         return None if moment is None else round(moment - self.noticed_at, 3)
 
+    def overhead_seconds(self, boot_seconds: float) -> float | None:
+        """trainctl's own share of the recovery: what is left of it after the instance's
+        boot and the final checkpoint (notice -> durable), both of which it waits for but
+        does not do. None: not recovered, or no final checkpoint to subtract."""
+        durable = self.since_notice(self.checkpoint_durable_at)
+        if self.recovery_seconds is None or durable is None:
+            return None
+        return round(self.recovery_seconds - boot_seconds - durable, 3)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "index": self.index,
@@ -83,6 +95,7 @@ class InterruptionOutcome:
             "recovery_seconds": self.recovery_seconds,
             "breakdown_seconds": {
                 "ssm_delivered": self.since_notice(self.ssm_delivered_at),
+                "checkpoint_started": self.since_notice(self.checkpoint_started_at),
                 "checkpoint_durable": self.since_notice(self.checkpoint_durable_at),
                 "replacement_launched": self.since_notice(self.replacement_launched_at),
                 "replacement_booted": self.since_notice(self.replacement_booted_at),
@@ -177,11 +190,15 @@ def judge(
     parked_events: int = 0,
 ) -> Verdict:
     reasons: list[str] = []
+    ended = job_status in ("SUCCEEDED", "FAILED", "CANCELLED")
     if job_status != "SUCCEEDED":
-        reasons.append(f"the job ended {job_status}" + (f": {failure_reason}" if failure_reason else ""))
+        # Not ended: it stalled, or the run was given up on (timeout).
+        state = f"the job ended {job_status}" if ended else f"the job was still {job_status}"
+        reasons.append(state + (f": {failure_reason}" if failure_reason else ""))
     if len(outcomes) < planned:
         reasons.append(
-            f"only {len(outcomes)} of {planned} interruptions could be injected before the job ended"
+            f"only {len(outcomes)} of {planned} interruptions could be injected before the job "
+            + ("ended" if ended else "was given up on")
         )
     identical = reference_sha256 is not None and reference_sha256 == final_sha256
     where = None
@@ -214,6 +231,47 @@ def judge(
     if parked_events:
         reasons.append(f"{parked_events} event(s) failed in the handlers after every retry")
     return Verdict(passed=not reasons, reasons=reasons, divergence=where)
+
+
+def command_problems(
+    warned: Iterable[tuple[str, str, str]],
+    commands: Iterable[Mapping[str, Any]],
+    *,
+    at_most_one_per_warning: bool = False,
+) -> list[str]:
+    """Checkpoint commands that went where they should not, in words (empty: none).
+
+    `warned` holds (job id, instance id, kind) per interruption; `commands` one record
+    per (command, addressed instance) with its `command_id`, `job_id` (the command's job
+    parameter), `instance_id` and `delivered_at` (None: never ran there). A command must
+    address an instance its job was warned about (a rebalance recommendation counts) and
+    no other: a count of deliveries cannot tell a command that reached the wrong
+    instance while the right one was missed. With `at_most_one_per_warning`, each warning
+    (two for a rebalance followed by a warning) may also have been delivered once only.
+    """
+    allowed: Counter[tuple[str, str]] = Counter()
+    for job_id, instance_id, kind in warned:
+        if kind != "no-notice":
+            allowed[(job_id, instance_id)] += 2 if kind == "rebalance+notice" else 1
+    problems: list[str] = []
+    delivered: Counter[tuple[str, str]] = Counter()
+    for command in commands:
+        key = (str(command.get("job_id")), str(command.get("instance_id")))
+        if key not in allowed:
+            problems.append(
+                f"checkpoint command {command.get('command_id')} for job {key[0]} addressed "
+                f"{key[1]}, an instance that job was not warned about"
+            )
+        elif command.get("delivered_at") is not None:
+            delivered[key] += 1
+    if at_most_one_per_warning:
+        for (job_id, instance_id), count in sorted(delivered.items()):
+            if count > allowed[(job_id, instance_id)]:
+                problems.append(
+                    f"{count} checkpoint commands for job {job_id} reached {instance_id}, "
+                    f"warned {allowed[(job_id, instance_id)]} time(s)"
+                )
+    return problems
 
 
 def summarize_pools(calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -14,6 +14,9 @@ so it can never overwrite the files or the manifest of a newer attempt's checkpo
 the same step, and the resume point the job row names (step *and* attempt) is the one
 restored.
 
+Storage that cannot be read is a `StorageError` (retryable or not), never an invalid
+checkpoint: only the checkpoint's own faults make restore skip it.
+
 The module is pure (layout, manifest model, hashing of local files, selection and
 retention decisions) plus `S3CheckpointStorage`, an adapter taking an injected S3 client;
 the on-instance `Checkpointer` (training/trainctl/checkpoint.py) builds on both.
@@ -35,6 +38,7 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MANIFEST_NAME = "manifest.json"
+MISSING_MANIFEST = "missing manifest (incomplete or killed mid-upload)"
 MANIFEST_FORMAT = 1
 CKPT_DIR = "ckpt"
 STEP_DIGITS = 12
@@ -283,18 +287,24 @@ def candidate_checkpoints(
 ) -> list[CheckpointId]:
     """Checkpoints to try, in order: newest first by (step, attempt).
 
-    `prefer` is the resume point the job row names: it is tried first, and only strictly
-    older steps follow it, because any other checkpoint at its step or above is a
-    superseded attempt's late upload, never the history the job continues from.
+    `prefer` is the resume point the job row names. It is tried first; then, should it be
+    missing or corrupt, the newer checkpoints of *its own attempt* (newest first), then
+    every strictly older step. A newer checkpoint of the same attempt continues the very
+    history the row names (one attempt trains forward from one restore): the row merely
+    had not recorded it yet (a checkpoint is recorded after it is durable, and retention
+    may already have removed the one before it). Any other checkpoint at the resume
+    step or above is excluded: a newer attempt's is not ours to take, and an older
+    attempt's is a superseded attempt's late upload (a fork), never the history the job
+    continues from.
     `at_most` caps the step when only the resume step is known (a late upload must not
     win just by having a higher step).
     """
-    cap = prefer.step if prefer is not None else at_most
     unique = sorted(set(checkpoints), reverse=True)
     if prefer is None:
-        return [c for c in unique if cap is None or c.step <= cap]
+        return [c for c in unique if at_most is None or c.step <= at_most]
+    descendants = [c for c in unique if c.attempt == prefer.attempt and c.step > prefer.step]
     older = [c for c in unique if c.step < prefer.step]
-    return [prefer, *older] if prefer in unique else older
+    return [prefer, *descendants, *older] if prefer in unique else [*descendants, *older]
 
 
 def select_newest_valid(
@@ -505,23 +515,27 @@ class S3CheckpointStorage:
     def list_checkpoints(self) -> list[CheckpointId]:
         paginator = self._s3.get_paginator("list_objects_v2")
         found: list[CheckpointId] = []
-        for page in paginator.paginate(
-            Bucket=self.bucket, Prefix=job_checkpoint_root(self.job_id), Delimiter="/"
-        ):
-            for common in page.get("CommonPrefixes", []):
-                checkpoint = checkpoint_id_of(common["Prefix"])
-                if checkpoint is not None:
-                    found.append(checkpoint)
+        root = job_checkpoint_root(self.job_id)
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    checkpoint = checkpoint_id_of(common["Prefix"])
+                    if checkpoint is not None:
+                        found.append(checkpoint)
+        except Exception as exc:
+            raise _s3_failure(exc, f"listing s3://{self.bucket}/{root}") from exc
         return sorted(found)
 
     def read_manifest(self, checkpoint: CheckpointId) -> bytes | None:
+        key = checkpoint_prefix(self.job_id, checkpoint) + MANIFEST_NAME
         try:
-            response = self._s3.get_object(
-                Bucket=self.bucket, Key=checkpoint_prefix(self.job_id, checkpoint) + MANIFEST_NAME
-            )
-        except self._s3.exceptions.NoSuchKey:
-            return None
-        body: bytes = response["Body"].read()
+            response = self._s3.get_object(Bucket=self.bucket, Key=key)
+            body: bytes = response["Body"].read()
+        except Exception as exc:
+            failure = _s3_failure(exc, f"reading s3://{self.bucket}/{key}")
+            if isinstance(failure, FetchFailed):
+                return None  # no manifest: the checkpoint does not exist (yet)
+            raise failure from exc
         return body
 
     def put_files(
@@ -563,11 +577,18 @@ class S3CheckpointStorage:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             local[entry.path] = path
             futures.append(self._transfer.download(self.bucket, prefix + entry.path, path))
-        for future in futures:
+        first: Exception | None = None
+        for entry, future in zip(files, futures, strict=True):
             try:
                 future.result()
             except Exception as exc:
-                raise FetchFailed(f"download failed: {exc}") from exc
+                # Wait for every download before raising: none may still be writing into
+                # dest_dir when the caller retries or moves on.
+                if first is None:
+                    first = _s3_failure(exc, f"download of {entry.path}")
+                    first.__cause__ = exc
+        if first is not None:
+            raise first
         return local
 
     def delete(self, checkpoint: CheckpointId) -> None:
@@ -590,23 +611,86 @@ class S3CheckpointStorage:
 
 
 class FetchFailed(RuntimeError):
-    """A checkpoint file could not be fetched (missing object, network)."""
+    """A file the manifest lists is not in storage: the checkpoint is incomplete (invalid)."""
+
+
+class StorageError(RuntimeError):
+    """The checkpoint storage could not be read; this says nothing about the checkpoint.
+
+    `retryable`: the same request may succeed later (network, timeout, throttling, a 5xx,
+    credentials not yet available), as opposed to a refusal that repeats on every try
+    (access denied, a missing bucket, a full local disk). Restore retries the first kind
+    for a bounded time and fails on the second (see `Checkpointer.restore_checkpoint`),
+    instead of skipping a checkpoint that may be intact.
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+# S3 error codes of a request that may succeed when repeated (besides any 5xx status).
+_TRANSIENT_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "ServiceUnavailable",
+        "InternalError",
+        # Instance-profile credentials being rotated: botocore fetches fresh ones.
+        "ExpiredToken",
+        "RequestExpired",
+    }
+)
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+def _s3_failure(exc: BaseException, what: str) -> FetchFailed | StorageError:
+    """An S3 / s3transfer error as a type: `FetchFailed` (the object does not exist) or
+    `StorageError` (the store could not be read), never matched on message text."""
+    # Imported here: the pure half of this module needs neither.
+    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+    from s3transfer.exceptions import RetriesExceededError
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code in _MISSING_CODES or status == 404:
+            return FetchFailed(f"{what}: not found in storage")
+        retryable = status >= 500 or code in _TRANSIENT_CODES
+        return StorageError(f"{what} failed: {code or status}: {exc}", retryable=retryable)
+    if isinstance(exc, ParamValidationError):
+        return StorageError(f"{what} failed: {exc}", retryable=False)
+    if isinstance(exc, BotoCoreError | RetriesExceededError):
+        # Connection refused/reset, timeouts, no credentials yet: botocore (and s3transfer,
+        # for a download's body) already retried this one request.
+        return StorageError(f"{what} failed: {exc}", retryable=True)
+    return StorageError(f"{what} failed: {type(exc).__name__}: {exc}", retryable=False)
 
 
 def verify_checkpoint(
     storage: CheckpointStorage, checkpoint: CheckpointId, *, job_id: str, dest_dir: str
 ) -> tuple[Manifest, dict[str, str]] | str:
-    """Fetch and fully verify one checkpoint: (manifest, local paths) or the reason it is invalid."""
+    """Fetch and fully verify one checkpoint: (manifest, local paths) or the reason it is invalid.
+
+    Invalid means: no manifest, a manifest that does not parse or describes another
+    checkpoint, a listed file missing from storage, or a size or hash mismatch. Storage
+    that cannot be read (`StorageError`) says nothing about the checkpoint and propagates.
+    """
     raw = storage.read_manifest(checkpoint)
     if raw is None:
-        return "missing manifest (incomplete or killed mid-upload)"
+        return MISSING_MANIFEST
     try:
         manifest = parse_manifest_at(raw, checkpoint, job_id=job_id)
     except InvalidManifest as exc:
         return str(exc)
     try:
         paths = storage.fetch(checkpoint, manifest.files, dest_dir)
-    except (FetchFailed, OSError) as exc:
+    except FetchFailed as exc:
         return str(exc)
     for entry in manifest.files:
         problem = verify_local_file(entry, paths[entry.path])

@@ -40,6 +40,30 @@ class ConcurrentUpdate(JobError):
         self.job_id, self.current = job_id, current
 
 
+class WriteContention(JobError):
+    """The row kept changing under a writer that re-read and retried: it gave up.
+
+    Raised so that the caller fails (Lambda retries the event later) rather than acting
+    on a row it could not pin down.
+    """
+
+    def __init__(self, job_id: str, tries: int) -> None:
+        super().__init__(f"job {job_id}: gave up writing after {tries} concurrent changes")
+        self.job_id, self.tries = job_id, tries
+
+
+class StoreUnavailable(Exception):
+    """An agent's fenced write did not reach the table (throttled, a 5xx, a connection or
+    read timeout) after botocore's own retries: the same write may succeed later.
+
+    `code` is the AWS error code or the transport error's class name.
+    """
+
+    def __init__(self, job_id: str, code: str) -> None:
+        super().__init__(f"job {job_id}: the jobs table is unavailable ({code})")
+        self.job_id, self.code = job_id, code
+
+
 class Superseded(JobError):
     """A fenced write from an instance/attempt that is no longer the job's current one."""
 

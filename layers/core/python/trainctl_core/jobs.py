@@ -182,9 +182,12 @@ class Interruption(BaseModel):
     attempt: int
     instance_id: str
     reason: InterruptionReason
-    noticed_at: datetime
+    noticed_at: datetime  # when EC2 announced the loss (the event's time)
     deadline: datetime | None = None
     event_id: str | None = None
+    # When trainctl recorded it (None: a row written before this field existed). The
+    # handshake's remaining notice is measured from here.
+    recorded_at: datetime | None = None
     # Whether the recorder's checkpoint-now request reached SSM (None: it sent none, e.g.
     # a loss without notice, or a row written before this field existed). False lets a
     # retry of the event, or another warning about the same loss, ask again.
@@ -211,6 +214,9 @@ class Job(BaseModel):
     version: int = Field(default=0, ge=0)
     attempt: int = Field(default=0, ge=0)
     instance_id: str | None = None
+    # The instance whose loss was recorded last (kept after the replacement takes over),
+    # so that late events about it are recognised as this job's stale attempt.
+    interrupted_instance_id: str | None = None
     created_at: datetime
     updated_at: datetime
     interruptions: list[Interruption] = Field(default_factory=list)
@@ -324,12 +330,15 @@ def mark_interrupted(
     instance_id: str,
     reason: InterruptionReason,
     now: datetime,
+    noticed_at: datetime | None = None,
     deadline: datetime | None = None,
     event_id: str | None = None,
     checkpoint_requested: bool | None = None,
 ) -> Transition:
     """RUNNING/LAUNCHING(instance, attempt) -> INTERRUPTED, recording the interruption.
 
+    `noticed_at` is when EC2 announced the loss (the event's time; default `now`, the
+    recorder's clock), so that "notice to launch" includes the event's delivery.
     Raises `AlreadyInterrupted` when this instance's loss is already recorded (a second
     signal about the same loss), `StaleAttempt` when the instance is not the job's current
     one, `JobIsTerminal`/`IllegalTransition` otherwise.
@@ -342,12 +351,19 @@ def mark_interrupted(
         attempt=job.attempt,
         instance_id=instance_id,
         reason=reason,
-        noticed_at=now,
+        noticed_at=noticed_at or now,
+        recorded_at=now,
         deadline=deadline,
         event_id=event_id,
         checkpoint_requested=checkpoint_requested,
     )
-    return _transition(job, JobStatus.INTERRUPTED, now, append={"interruptions": [record]})
+    return _transition(
+        job,
+        JobStatus.INTERRUPTED,
+        now,
+        interrupted_instance_id=instance_id,
+        append={"interruptions": [record]},
+    )
 
 
 def mark_launching(

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
-from trainctl_core.errors import CheckpointRequestFailed, ConcurrentUpdate
+from trainctl_core.errors import CheckpointRequestFailed, ConcurrentUpdate, WriteContention
 from trainctl_core.jobs import (
     AlreadyInterrupted,
     InterruptionReason,
@@ -36,13 +36,15 @@ from trainctl_core.jobs import (
     mark_interrupted,
 )
 
+WRITE_TRIES = 3  # conditional-write attempts before giving up on a row that keeps changing
+
 
 class Outcome(StrEnum):
     """How an event was handled; also the `outcome` dimension of the handler metrics."""
 
     RESUME_STARTED = "resume_started"  # loss recorded (now or before) and workflow running
     CHECKPOINT_REQUESTED = "checkpoint_requested"  # rebalance: checkpoint now, keep running
-    IGNORED_UNMANAGED = "ignored_unmanaged"  # no job runs on this instance (now)
+    IGNORED_UNMANAGED = "ignored_unmanaged"  # not trainctl's: no job runs on it or lost it last
     IGNORED_TERMINAL = "ignored_terminal"  # the job already ended
     IGNORED_STALE = "ignored_stale"  # the job moved on to another instance/attempt
     IGNORED_NOT_A_LOSS = "ignored_not_a_loss"  # a state change that is not a loss
@@ -71,6 +73,7 @@ class Result:
 
 class JobRepository(Protocol):
     def find_by_instance(self, instance_id: str) -> Job | None: ...
+    def find_by_interrupted_instance(self, instance_id: str) -> Job | None: ...
     def apply(self, transition: Transition) -> Job: ...
 
 
@@ -123,6 +126,7 @@ class Recovery:
             job,
             instance_id=instance_id,
             reason=InterruptionReason.SPOT_WARNING,
+            noticed_at=noticed_at,
             deadline=deadline,
             event_id=event_id,
             checkpoint_requested=requested,
@@ -162,6 +166,7 @@ class Recovery:
             job,
             instance_id=instance_id,
             reason=InterruptionReason.REBALANCE_MIGRATE,
+            noticed_at=noticed_at,
             deadline=deadline,
             event_id=event_id,
             checkpoint_requested=requested,
@@ -182,6 +187,7 @@ class Recovery:
             job,
             instance_id=instance_id,
             reason=InterruptionReason.TERMINATED_WITHOUT_NOTICE,
+            noticed_at=changed_at,
             deadline=None,
             event_id=event_id,
         )
@@ -191,11 +197,7 @@ class Recovery:
     def _current_job(self, instance_id: str) -> tuple[Job | None, Result | None]:
         job = self._jobs.find_by_instance(instance_id)
         if job is None:
-            return None, Result(
-                Outcome.IGNORED_UNMANAGED,
-                instance_id,
-                detail="no trainctl job currently runs on this instance",
-            )
+            return None, self._not_current(instance_id)
         if job.is_terminal:
             return None, Result(
                 Outcome.IGNORED_TERMINAL,
@@ -209,6 +211,28 @@ class Recovery:
                 Outcome.IGNORED_STALE, instance_id, job.job_id, job.attempt, detail="job not launched"
             )
         return job, None
+
+    def _not_current(self, instance_id: str) -> Result:
+        """No job runs on `instance_id` now: it is a job's replaced instance (a late or
+        repeated event about a loss already handled) or not trainctl's at all."""
+        past = self._jobs.find_by_interrupted_instance(instance_id)
+        if past is None:
+            return Result(
+                Outcome.IGNORED_UNMANAGED,
+                instance_id,
+                detail="no trainctl job currently runs on this instance",
+            )
+        lost = next((i.attempt for i in reversed(past.interruptions) if i.instance_id == instance_id), None)
+        return Result(
+            Outcome.IGNORED_TERMINAL if past.is_terminal else Outcome.IGNORED_STALE,
+            instance_id,
+            past.job_id,
+            lost,
+            detail=(
+                f"instance {instance_id} was attempt {lost} of job {past.job_id}, which is now "
+                f"{past.status} on instance {past.instance_id} attempt {past.attempt}"
+            ),
+        )
 
     @staticmethod
     def _needs_checkpoint(job: Job) -> bool:
@@ -278,6 +302,7 @@ class Recovery:
         *,
         instance_id: str,
         reason: InterruptionReason,
+        noticed_at: datetime,
         deadline: datetime | None,
         event_id: str,
         checkpoint_requested: bool | None = None,
@@ -285,13 +310,14 @@ class Recovery:
         now = self._clock()
         recorded = False
         current = job
-        for _ in range(3):  # re-read on a concurrent write (e.g. a heartbeat-free status race)
+        for _ in range(WRITE_TRIES):  # re-read on a concurrent write (e.g. a status race)
             try:
                 transition = mark_interrupted(
                     current,
                     instance_id=instance_id,
                     reason=reason,
                     now=now,
+                    noticed_at=noticed_at,
                     deadline=deadline,
                     event_id=event_id,
                     checkpoint_requested=checkpoint_requested,
@@ -311,7 +337,7 @@ class Recovery:
                     raise
                 current = exc.current
         else:
-            raise RuntimeError(f"job {job.job_id}: gave up recording the interruption after 3 races")
+            raise WriteContention(job.job_id, WRITE_TRIES)
 
         interruption = current.interruption_for(current.attempt)
         # The workflow's reason is the one of the *recorded* interruption: whoever recorded
@@ -325,7 +351,9 @@ class Recovery:
                 attempt=current.attempt,
                 reason=effective_reason,
                 deadline=effective_deadline,
-                noticed_at=interruption.noticed_at if interruption else now,
+                # The remaining notice counts from when the loss was recorded (rows from
+                # before `recorded_at` existed recorded the recorder's clock as noticed_at).
+                noticed_at=(interruption.recorded_at or interruption.noticed_at) if interruption else now,
             )
         )
         # A signal that did not record the loss still starts the workflow: a safety net

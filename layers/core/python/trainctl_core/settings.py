@@ -24,6 +24,16 @@ ENV_NOTICE_SECONDS = "TRAINCTL_NOTICE_SECONDS"
 JOBS_PARTITION_KEY = "pk"
 JOBS_BY_INSTANCE_INDEX = "by-instance"
 JOBS_INSTANCE_ATTRIBUTE = "instance_id"
+# The instance whose loss was recorded last: late events about an instance the job has
+# already replaced find the job through this index (a stale attempt, not an unmanaged
+# instance).
+JOBS_BY_INTERRUPTED_INSTANCE_INDEX = "by-interrupted-instance"
+JOBS_INTERRUPTED_INSTANCE_ATTRIBUTE = "interrupted_instance_id"
+# Index name -> partition-key attribute (keys-only projections), for infra and tests.
+JOBS_INDEXES = {
+    JOBS_BY_INSTANCE_INDEX: JOBS_INSTANCE_ATTRIBUTE,
+    JOBS_BY_INTERRUPTED_INSTANCE_INDEX: JOBS_INTERRUPTED_INSTANCE_ATTRIBUTE,
+}
 IDEMPOTENCY_PARTITION_KEY = "id"
 IDEMPOTENCY_TTL_ATTRIBUTE = "expiration"
 

@@ -2,30 +2,39 @@
 
 Every status change is one `UpdateItem` conditioned on the version, status and instance
 the writer saw (see `jobs.Transition`), so concurrent writers cannot both win. Agent
-writes (heartbeats, checkpoints) are *fenced*: conditioned on the writer still being the
-job's current (instance, attempt), and they do not bump the version, so they never make
-a control-plane transition fail.
+writes (heartbeats, checkpoints, accrued cost) are *fenced*: conditioned on the writer
+still being the job's current (instance, attempt), and they do not bump the version, so
+they never make a control-plane transition fail.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum
 from typing import Any, cast
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import BaseModel
 
 # The errors this adapter raises are defined boto3-free (domain code catches them) and
 # re-exported here for callers that think of them as the store's.
-from trainctl_core.errors import ConcurrentUpdate, JobAlreadyExists, JobNotFound, Superseded
+from trainctl_core.errors import (
+    ConcurrentUpdate,
+    JobAlreadyExists,
+    JobNotFound,
+    StoreUnavailable,
+    Superseded,
+)
 from trainctl_core.jobs import CheckpointRef, Job, Transition, format_time
 from trainctl_core.settings import (
     JOBS_BY_INSTANCE_INDEX,
+    JOBS_BY_INTERRUPTED_INSTANCE_INDEX,
     JOBS_INSTANCE_ATTRIBUTE,
+    JOBS_INTERRUPTED_INSTANCE_ATTRIBUTE,
     JOBS_PARTITION_KEY,
 )
 
@@ -108,18 +117,38 @@ class JobStore:
         The index is eventually consistent, so the hit is re-read consistently and
         dropped if the row has moved on to another instance meanwhile.
         """
+        return self._find(
+            JOBS_BY_INSTANCE_INDEX,
+            JOBS_INSTANCE_ATTRIBUTE,
+            instance_id,
+            lambda job: job.instance_id == instance_id,
+        )
+
+    def find_by_interrupted_instance(self, instance_id: str) -> Job | None:
+        """The job whose last recorded loss was `instance_id` and that has moved on from
+        it (a replacement, or the job ended), if any: events about it are stale."""
+        return self._find(
+            JOBS_BY_INTERRUPTED_INSTANCE_INDEX,
+            JOBS_INTERRUPTED_INSTANCE_ATTRIBUTE,
+            instance_id,
+            lambda job: job.interrupted_instance_id == instance_id and job.instance_id != instance_id,
+        )
+
+    def _find(
+        self, index: str, attribute: str, instance_id: str, matches: Callable[[Job], bool]
+    ) -> Job | None:
         response = self._ddb.query(
             TableName=self._table,
-            IndexName=JOBS_BY_INSTANCE_INDEX,
+            IndexName=index,
             KeyConditionExpression="#i = :i",
-            ExpressionAttributeNames={"#i": JOBS_INSTANCE_ATTRIBUTE, "#pk": JOBS_PARTITION_KEY},
+            ExpressionAttributeNames={"#i": attribute, "#pk": JOBS_PARTITION_KEY},
             ExpressionAttributeValues={":i": {"S": instance_id}},
             # The index projects keys only (cheap to keep): the base key names the job.
             ProjectionExpression="#pk",
         )
         for item in response.get("Items", []):
-            job = self.get(item[JOBS_PARTITION_KEY]["S"].removeprefix("JOB#"))
-            if job.instance_id == instance_id:
+            job = self._get_or_none(item[JOBS_PARTITION_KEY]["S"].removeprefix("JOB#"))
+            if job is not None and matches(job):
                 return job
         return None
 
@@ -218,8 +247,15 @@ class JobStore:
             attempt=attempt,
             expression="SET " + sets,
             values={":ckpt": to_attribute(checkpoint), ":now": to_attribute(datetime.now(UTC))},
-            # A late upload from an older checkpoint must never replace a newer one.
-            extra_condition="(attribute_not_exists(last_checkpoint) OR last_checkpoint.step <= :step)",
+            # A late upload from an older checkpoint of this attempt must never replace a
+            # newer one. A previous attempt's checkpoint never blocks this attempt's: after
+            # a fallback restore (the resume point was corrupt, an older one was used) this
+            # attempt's steps are below the recorded one, and they are still the newest
+            # durable state of the job.
+            extra_condition=(
+                "(attribute_not_exists(last_checkpoint) OR last_checkpoint.attempt < :attempt"
+                " OR last_checkpoint.step <= :step)"
+            ),
             extra_values={":step": {"N": str(checkpoint.step)}},
         )
 
@@ -244,6 +280,48 @@ class JobStore:
         return self._fenced_update(
             job_id, instance_id=instance_id, attempt=attempt, expression="SET " + sets, values=values
         )
+
+    def accrue_cost(
+        self,
+        job_id: str,
+        *,
+        instance_id: str,
+        attempt: int,
+        usd: float,
+        since: datetime | None,
+        until: datetime,
+    ) -> dict[str, Any]:
+        """Add `usd`, what `attempt` cost from `since` to `until`, to the row's `cost_usd`.
+
+        Fenced like every agent write, and exactly once: the row keeps the attempt's
+        accrual mark (`cost_accrued_attempt`, `cost_accrued_at`), and the write needs it
+        to still be `since` (None: this attempt has accrued nothing yet) and moves it to
+        `until`. A write whose mark has moved on (a retried request that had landed, a
+        second agent of the same attempt) adds nothing and returns the row as it is, so
+        the caller continues from the row's mark. Raises `Superseded` if the writer is no
+        longer current. `until` is stored at millisecond precision: pass such a moment.
+        """
+        if since is None:
+            mark = "(attribute_not_exists(cost_accrued_attempt) OR cost_accrued_attempt <> :attempt)"
+            mark_values: dict[str, Any] = {}
+        else:
+            mark = "(cost_accrued_attempt = :attempt AND cost_accrued_at = :since)"
+            mark_values = {":since": {"S": format_time(since)}}
+        try:
+            return self._fenced_update(
+                job_id,
+                instance_id=instance_id,
+                attempt=attempt,
+                expression="SET cost_accrued_at = :until, cost_accrued_attempt = :attempt ADD cost_usd :usd",
+                values={":until": {"S": format_time(until)}, ":usd": to_attribute(float(usd))},
+                extra_condition=mark,
+                extra_values=mark_values,
+            )
+        except Superseded as exc:
+            current = exc.current
+            if current is not None and current.instance_id == instance_id and current.attempt == attempt:
+                return self.raw(job_id)  # still current: only the mark had moved
+            raise
 
     def _fenced_update(
         self,
@@ -277,7 +355,11 @@ class JobStore:
         except ClientError as exc:
             if _is_condition_failure(exc):
                 raise Superseded(job_id, instance_id, attempt, self._get_or_none(job_id)) from exc
+            if _is_transient(exc):
+                raise StoreUnavailable(job_id, _error_code(exc)) from exc
             raise
+        except (BotoConnectionError, HTTPClientError) as exc:
+            raise StoreUnavailable(job_id, type(exc).__name__) from exc
         return {k: _python(_deserializer.deserialize(v)) for k, v in response["Attributes"].items()}
 
     def _get_or_none(self, job_id: str) -> Job | None:
@@ -289,3 +371,31 @@ class JobStore:
 
 def _is_condition_failure(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+# Refusals that say "not now" rather than "never": throttling and the service's own
+# trouble. (Validation, access and condition failures repeat on every try.)
+_TRANSIENT_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "ThrottlingException",
+        "Throttling",
+        "LimitExceededException",
+        "TransactionConflictException",
+        "InternalServerError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "error"))
+
+
+def _is_transient(exc: ClientError) -> bool:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return _error_code(exc) in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)

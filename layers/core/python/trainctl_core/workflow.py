@@ -35,6 +35,8 @@ def resume_input(
     It depends only on the recorded loss, never on when it is computed: Step Functions
     treats a second start with the same name *and input* as the same execution, so a
     retried handler gets success rather than an error while the workflow runs.
+    `noticed_at` is the moment the remaining notice is measured from: when the loss was
+    recorded (the workflow starts right after).
     """
     document: dict[str, Any] = {
         "job_id": job_id,
