@@ -213,10 +213,13 @@ def test_rebalance_first_checkpoints_keeps_training_then_survives_the_warning(ru
 
 def test_the_torch_example_rehearses_too(run: Run) -> None:
     pytest.importorskip("torch")
+    # Long enough (~8 s) that the warning, injected when a heartbeat (about one a second)
+    # shows half the steps done, reaches a run that is still training: with 120 steps the
+    # run could finish before the notice, and the replacement resumed from a fallback.
     report = run(
         "train",
         interruptions=1,
-        environment={"TRAIN_STEPS": "120", "TRAIN_CHECKPOINT_EVERY": "20", "TRAIN_STEP_SECONDS": "0.02"},
+        environment={"TRAIN_STEPS": "400", "TRAIN_CHECKPOINT_EVERY": "20", "TRAIN_STEP_SECONDS": "0.02"},
     )
 
     assert_recovered(report, 1)

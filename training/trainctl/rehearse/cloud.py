@@ -41,7 +41,7 @@ CREDENTIALS = {
 }
 FAKE_AMI = "ami-0123456789abcdef0"
 # Substitutions that are AWS durations: scaled with the rehearsal's time scale.
-TIMED_SUBSTITUTIONS = ("HandshakeTimeoutSeconds", "LaunchBackoffSeconds")
+TIMED_SUBSTITUTIONS = ("HandshakeTimeoutSeconds", "LaunchBackoffSeconds", "LaunchRetrySeconds")
 
 # EC2's real messages for the capacity codes (the workflow matches on them).
 CAPACITY_MESSAGE = (

@@ -274,7 +274,16 @@ class Fleet:
             0
         ]
         tags = {t["Key"]: t["Value"] for t in raw.get("Tags", [])}
-        instance.imds = FakeImds(instance.instance_id, tags=tags).start()
+        # Type, zone and market as EC2 reports them, so the agent's recovery metrics and
+        # cost accrual see the pool the workflow chose (an on-demand instance has no
+        # InstanceLifecycle; IMDS says "on-demand").
+        instance.imds = FakeImds(
+            instance.instance_id,
+            tags=tags,
+            instance_type=instance.instance_type,
+            zone=instance.zone,
+            life_cycle=raw.get("InstanceLifecycle", "on-demand"),
+        ).start()
         environment = {
             **self.config.environment,
             "AWS_EC2_METADATA_SERVICE_ENDPOINT": instance.imds.url,
