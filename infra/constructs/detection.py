@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
-from aws_cdk import ArnFormat, Aws, CfnCondition, CfnMapping, Duration, Fn, Stack, Token
+from aws_cdk import ArnFormat, Aws, CfnCondition, Duration, Fn, Stack, Token
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -47,8 +47,7 @@ POWERTOOLS_REGIONAL_ACCOUNTS = {
     "us-gov-east-1": "165087284144",
     "us-gov-west-1": "165093116878",
 }
-POWERTOOLS_MAPPING = "PowertoolsLayerAccounts"
-POWERTOOLS_CONDITION = "InCommercialPartition"
+POWERTOOLS_CONDITION_PREFIX = "PowertoolsLayerIn"  # + the region: PowertoolsLayerInCnNorth1
 # Indexes of the jobs table the handlers query (trainctl_core.store.JobStore:
 # find_by_instance, find_by_interrupted_instance), named one by one rather than `index/*`.
 HANDLER_QUERY_INDEXES = (JOBS_BY_INSTANCE_INDEX, JOBS_BY_INTERRUPTED_INSTANCE_INDEX)
@@ -337,24 +336,20 @@ def _powertools_account(stack: Stack) -> str:
             f"only in {', '.join(sorted(POWERTOOLS_REGIONAL_ACCOUNTS))}): publish the layer in "
             f"your account and set {CONTEXT_PREFIX}powertools_layer_arn"
         )
-    commercial = stack.node.try_find_child(POWERTOOLS_CONDITION) or CfnCondition(
-        stack, POWERTOOLS_CONDITION, expression=Fn.condition_equals(Aws.PARTITION, "aws")
-    )
-    if stack.node.try_find_child(POWERTOOLS_MAPPING) is None:
-        CfnMapping(
-            stack,
-            POWERTOOLS_MAPPING,
-            mapping={region: {"Account": owner} for region, owner in POWERTOOLS_REGIONAL_ACCOUNTS.items()},
+    # Picked at deploy time by nested conditions on the region, not by a mapping:
+    # CloudFormation resolves an Fn::FindInMap even in the Fn::If branch it does not take,
+    # so a region missing from a mapping would fail the deploy in every commercial region.
+    # A region outside the commercial partition that Powertools does not publish in gets the
+    # commercial account, which has no layer in that partition: the function's creation
+    # fails there (set powertools_layer_arn instead).
+    account: str = POWERTOOLS_ACCOUNT
+    for region, owner in sorted(POWERTOOLS_REGIONAL_ACCOUNTS.items(), reverse=True):
+        condition_id = POWERTOOLS_CONDITION_PREFIX + "".join(part.title() for part in region.split("-"))
+        condition = stack.node.try_find_child(condition_id) or CfnCondition(
+            stack, condition_id, expression=Fn.condition_equals(Aws.REGION, region)
         )
-    # Outside the commercial partition, a region missing from the mapping fails the deploy
-    # on this lookup (the layer does not exist there): set powertools_layer_arn instead.
-    return Token.as_string(
-        Fn.condition_if(
-            cast(CfnCondition, commercial).logical_id,
-            POWERTOOLS_ACCOUNT,
-            Fn.find_in_map(POWERTOOLS_MAPPING, Aws.REGION, "Account"),
-        )
-    )
+        account = Token.as_string(Fn.condition_if(cast(CfnCondition, condition).logical_id, owner, account))
+    return account
 
 
 def _event_pattern(pattern: dict[str, object]) -> events.EventPattern:

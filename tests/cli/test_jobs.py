@@ -12,11 +12,13 @@ from typing import Any
 import boto3
 import pytest
 import yaml
+from botocore.exceptions import ClientError
 from moto.core import DEFAULT_ACCOUNT_ID as ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 from moto.ssm.models import ssm_backends
 
 from tests.cli.conftest import REGION, Cli, LambdaContext, Stack, utc
+from trainctl.commands import savings as savings_cmd
 from trainctl.commands.jobs import _execution_names
 from trainctl.commands.stack import Cloud
 from trainctl_core import jobs
@@ -330,6 +332,35 @@ def test_list_shows_interruptions_and_savings(stack: Stack, cli: Cli) -> None:
     assert "INTERRUPTIONS" in table.stdout and "SAVED" in table.stdout
     no_savings = cli("list", "--no-savings", "--json").json()
     assert all(r["saving"] is None for r in no_savings)
+
+
+def test_list_shows_the_jobs_whose_prices_aws_refuses_with_the_reason(
+    stack: Stack, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    priced = stack.start_attempt(
+        stack.new_job(stack.pools("m5.large"), now=utc(hours=-1)), stack.pools("m5.large")[0], utc(hours=-1)
+    )
+    refused = stack.start_attempt(
+        stack.new_job(stack.pools("m5.large"), now=utc(hours=-1)), stack.pools("m5.large")[0], utc(hours=-1)
+    )
+    # AWS refuses one job's prices (throttling, a missing DescribeSpotPriceHistory grant).
+    original = savings_cmd.Calculator.report
+
+    def report(self: Any, job: Any, now: Any) -> Any:
+        if job.job_id == refused.job_id:
+            raise ClientError(
+                {"Error": {"Code": "UnauthorizedOperation", "Message": "not authorized"}},
+                "DescribeSpotPriceHistory",
+            )
+        return original(self, job, now)
+
+    monkeypatch.setattr(savings_cmd.Calculator, "report", report)
+    result = cli("list", "--json")
+    assert result.exit_code == 0
+    rows = {r["job_id"]: r for r in result.json()}
+    assert rows[priced.job_id]["saving"]["usd"] is not None
+    assert rows[refused.job_id]["saving"]["usd"] is None
+    assert "DescribeSpotPriceHistory" in rows[refused.job_id]["saving"]["error"]
 
 
 # --- cancel ------------------------------------------------------------------------------------

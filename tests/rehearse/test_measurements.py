@@ -263,3 +263,35 @@ def test_concurrent_invocations_each_see_only_their_own_metrics() -> None:
     # Afterwards the shared state is Powertools' own again, untouched.
     assert isinstance(metrics.provider.metric_set, dict)
     assert "outcome" not in metrics.provider.dimension_set
+
+
+def test_a_replacement_nobody_asked_for_fails_the_verdict() -> None:
+    # A duplicate shares its attempt; an instance replaced without an interruption gets an
+    # attempt of its own, and only counting the attempts catches it.
+    outcome = verdict.InterruptionOutcome(
+        index=0,
+        job_id="j",
+        attempt=0,
+        instance_id="i",
+        pool="p",
+        kind="notice",
+        noticed_at=T0,
+        resumed_at=T0 + 3.0,
+        last_step=50,
+        resume_step=50,
+        checkpoint_kind="final",
+    )
+    common: dict[str, Any] = {
+        "reference_sha256": "a" * 64,
+        "final_sha256": "a" * 64,
+        "job_status": "SUCCEEDED",
+        "outcomes": [outcome],
+        "planned": 1,
+        "duplicate_replacements": 0,
+    }
+    assert verdict.judge(**common, replaced_attempts=1).passed
+    extra = verdict.judge(**common, replaced_attempts=2)
+    assert not extra.passed
+    assert extra.reasons == [
+        "2 replacement(s) for 1 interruption(s): an instance nobody interrupted was replaced"
+    ]

@@ -36,7 +36,7 @@ from trainctl.commands.output import (
     emit_json,
     reporting,
 )
-from trainctl.commands.stack import EXIT_USAGE, CliError, Cloud
+from trainctl.commands.stack import EXIT_USAGE, CliError, Cloud, aws_errors
 from trainctl.spec import DEFAULT_SPEC_FILE, SpecError, job_id_stem, load_spec
 from trainctl_core import jobs as model
 from trainctl_core.commands import CheckpointCommands, CheckpointRequestFailed
@@ -296,7 +296,10 @@ def list_jobs(
             saving: dict[str, Any] | None = None
             if calculator is not None:
                 try:
-                    report = calculator.report(job, now)
+                    # Per row: one job whose prices AWS refuses (throttling, a missing
+                    # DescribeSpotPriceHistory grant) shows "?" instead of failing the list.
+                    with aws_errors(cloud):
+                        report = calculator.report(job, now)
                     saving = {"usd": report.net_saving_usd, "pct": report.net_saving_pct}
                 except (CostError, CliError) as exc:
                     saving = {"usd": None, "pct": None, "error": str(exc)}

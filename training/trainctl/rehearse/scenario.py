@@ -1006,6 +1006,7 @@ class Rehearsal:
                 reference_digests=reference.get("digests"),
                 run_digests=run_digests,
                 failure_reason=track.failure_reason,
+                replaced_attempts=sum(1 for attempt in per_attempt if attempt > 0),
             )
             prefix = f"{track.job_id}: " if len(tracks) > 1 else ""
             failures.extend(prefix + r for r in judged.reasons)

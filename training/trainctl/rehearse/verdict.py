@@ -188,6 +188,7 @@ def judge(
     run_digests: Digests | None = None,
     failure_reason: str | None = None,
     parked_events: int = 0,
+    replaced_attempts: int | None = None,
 ) -> Verdict:
     reasons: list[str] = []
     ended = job_status in ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -228,6 +229,14 @@ def judge(
             )
     if duplicate_replacements:
         reasons.append(f"{duplicate_replacements} duplicate replacement instance(s) were launched")
+    # A duplicate shares its attempt; a replacement of an instance nobody interrupted gets
+    # an attempt of its own, so only counting the attempts finds it. (None: not counted,
+    # e.g. on real AWS where a second, real interruption is possible.)
+    if replaced_attempts is not None and replaced_attempts > len(outcomes):
+        reasons.append(
+            f"{replaced_attempts} replacement(s) for {len(outcomes)} interruption(s): "
+            "an instance nobody interrupted was replaced"
+        )
     if parked_events:
         reasons.append(f"{parked_events} event(s) failed in the handlers after every retry")
     return Verdict(passed=not reasons, reasons=reasons, divergence=where)

@@ -532,7 +532,7 @@ class S3CheckpointStorage:
             response = self._s3.get_object(Bucket=self.bucket, Key=key)
             body: bytes = response["Body"].read()
         except Exception as exc:
-            failure = _s3_failure(exc, f"reading s3://{self.bucket}/{key}")
+            failure = self._failure(exc, key, f"reading s3://{self.bucket}/{key}")
             if isinstance(failure, FetchFailed):
                 return None  # no manifest: the checkpoint does not exist (yet)
             raise failure from exc
@@ -585,7 +585,7 @@ class S3CheckpointStorage:
                 # Wait for every download before raising: none may still be writing into
                 # dest_dir when the caller retries or moves on.
                 if first is None:
-                    first = _s3_failure(exc, f"download of {entry.path}")
+                    first = self._failure(exc, prefix + entry.path, f"download of {entry.path}")
                     first.__cause__ = exc
         if first is not None:
             raise first
@@ -599,6 +599,25 @@ class S3CheckpointStorage:
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start : start + 1000]]
             self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def _failure(self, exc: BaseException, key: str, what: str) -> FetchFailed | StorageError:
+        """`_s3_failure`, except that a 403 on a key that a listing shows is absent is a
+        missing object. S3 answers a GET or HEAD of a missing key with 404 only to callers
+        allowed s3:ListBucket on the bucket; the instance role may list the checkpoint
+        key space only (an `s3:prefix` condition, which a GET does not carry), so on AWS
+        it gets 403 for every object that does not exist. The listing it is allowed tells
+        the two apart: a 403 on an object that is there stays a refusal."""
+        failure = _s3_failure(exc, what)
+        if isinstance(failure, StorageError) and _forbidden(exc) and self._absent(key):
+            return FetchFailed(f"{what}: not found in storage")
+        return failure
+
+    def _absent(self, key: str) -> bool:
+        try:
+            page = self._s3.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
+        except Exception:
+            return False  # cannot tell: the original refusal stands
+        return not any(entry.get("Key") == key for entry in page.get("Contents", []))
 
     def _keys(self, prefix: str) -> Iterator[str]:
         paginator = self._s3.get_paginator("list_objects_v2")
@@ -646,6 +665,16 @@ _TRANSIENT_CODES = frozenset(
     }
 )
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+def _forbidden(exc: BaseException) -> bool:
+    """A 403 from S3 (a HEAD's has no body, so its code is just "403")."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status == 403 or exc.response.get("Error", {}).get("Code") in ("AccessDenied", "403")
 
 
 def _s3_failure(exc: BaseException, what: str) -> FetchFailed | StorageError:
