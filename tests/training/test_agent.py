@@ -714,13 +714,16 @@ def test_sigterm_checkpoints_stops_the_child_and_exits(
             if agent.poll() is None:
                 agent.kill()
     logged = (tmp_path / "agent.log").read_text(errors="replace")
-    # Then it exited cleanly once the child stopped after a durable final checkpoint
+    # Then it exited cleanly once the child stopped after a durable checkpoint, recorded
+    # as the attempt's newest, not its final one: a SIGTERM alone (a reboot) ends no
+    # attempt, and a final checkpoint would end a later notice's handshake at once
     assert rc == 0, logged[-3000:]
     assert not _processes_with(str(output))
     job = world.store.get(JOB)
-    assert job.final_checkpoint is not None and job.final_checkpoint.step >= before.step
+    assert job.last_checkpoint is not None and job.last_checkpoint.step >= before.step
+    assert job.final_checkpoint is None
     storage = ck.LocalCheckpointStorage(world.ckpt_dir, JOB)
-    assert storage.read_manifest(_id(job.final_checkpoint)) is not None
+    assert storage.read_manifest(_id(job.last_checkpoint)) is not None
     assert "stopping at step" in logged  # the child stopped itself after that checkpoint
     # And the job is left to the resume workflow; the machine is not the agent's to stop
     assert job.status == jobs.JobStatus.RUNNING and not marker.exists()
@@ -1025,6 +1028,8 @@ def test_an_agent_restarted_on_its_attempt_resumes_from_that_attempts_newest_che
     assert row.status == jobs.JobStatus.RUNNING and row.last_checkpoint is not None
     newest = row.last_checkpoint
     assert newest.attempt == 1 and newest.step > handed_over.step
+    # (and attempt 1 has no final checkpoint: a later Spot notice still gets its handshake)
+    assert row.final_checkpoint is None or row.final_checkpoint.attempt != 1
     again = world.agent(
         _train(tmp_path, steps=newest.step + 5, step_seconds=0),
         instance=replacement,

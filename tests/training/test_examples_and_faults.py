@@ -299,3 +299,38 @@ def test_inference_server_drains_in_flight_and_refuses_new_requests(tmp_path: An
         len(storage.list_checkpoints()) == 2
         and storage.read_manifest(storage.list_checkpoints()[-1]) is not None
     )
+
+
+def test_inference_server_keeps_serving_when_a_rebalance_checkpoint_fails(tmp_path: Any) -> None:
+    # Given storage that refuses every write (the job's checkpoint root is a file)
+    root = tmp_path / "ck"
+    root.mkdir()
+    (root / "example").write_text("not a directory")
+    process = subprocess.Popen(
+        _example("inference_server.py", "--port", "0", "--checkpoint-timeout", "2"),
+        env=_env(root),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    try:
+        port = int(process.stdout.readline().split()[-1])
+        base = f"http://127.0.0.1:{port}"
+        # When a rebalance recommendation asks for a checkpoint that cannot be made
+        process.send_signal(signal.SIGUSR2)
+        failed = process.stdout.readline()
+        while failed and "still serving" not in failed:
+            failed = process.stdout.readline()
+        # Then the failure is logged and the server goes on serving
+        assert "failed" in failed and "still serving" in failed
+        assert json.loads(urllib.request.urlopen(f"{base}/predict?x=2", timeout=5).read()) == {"y": 5.0}
+        assert process.poll() is None
+        # and once storage is back, a notice drains it with a durable checkpoint
+        (root / "example").unlink()
+        process.send_signal(signal.SIGUSR1)
+        assert process.wait(30) == 0
+        storage = ck.LocalCheckpointStorage(str(root), "example")
+        assert storage.read_manifest(storage.list_checkpoints()[-1]) is not None
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from trainctl.checkpoint import Checkpointer
+from trainctl.checkpoint import Checkpointer, CheckpointFailed
 
 log = logging.getLogger("inference_server")
 
@@ -89,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--drain-seconds", type=float, default=90.0)
+    parser.add_argument(
+        "--checkpoint-timeout",
+        type=float,
+        default=None,
+        help="seconds the server waits for a checkpoint without a stop (default: the request's deadline)",
+    )
     args = parser.parse_args(argv)
 
     ckpt = Checkpointer.from_env(framework="generic")
@@ -100,9 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     while not ckpt.stop_requested:
         if ckpt.due(server.served):  # also reports progress for the agent's heartbeats
             # A checkpoint without a stop (rebalance recommendation): record where the
-            # server is and keep serving; only a notice drains it.
-            ckpt.save_now({"served": server.served}, server.served)
-            log.info("checkpointed at %d requests served; still serving", server.served)
+            # server is and keep serving; only a notice drains it. One that fails (S3
+            # unreachable for a while) is logged, not fatal: the server keeps serving, and
+            # the next one is due again; only a stop's checkpoint must succeed.
+            try:
+                ckpt.save_now({"served": server.served}, server.served, timeout=args.checkpoint_timeout)
+                log.info("checkpointed at %d requests served; still serving", server.served)
+            except CheckpointFailed as exc:
+                if ckpt.stop_requested:
+                    raise
+                log.warning("checkpoint at %d requests served failed (%s); still serving", server.served, exc)
         time.sleep(0.05)
     server.draining.set()
     log.info("notice received: refusing new requests, draining %d in flight", server.in_flight)

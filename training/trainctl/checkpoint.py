@@ -858,6 +858,8 @@ class Checkpointer:
             self.storage.put_manifest(checkpoint, manifest.to_json())  # one atomic PUT
             return self._durable(job, manifest)
         if existing is not None:
+            if cancelled():
+                return None  # superseded already: keep the durable checkpoint that is there
             # Other content at a durable step: retract the old checkpoint first (manifest
             # first), so a crash mid-rewrite leaves files without a manifest (no checkpoint:
             # restore takes the previous one), never an old manifest over new files.

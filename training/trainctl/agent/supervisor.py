@@ -375,7 +375,7 @@ class Agent:
             can_checkpoint = bool(self._checkpointers or self._signal_pids)
         if can_checkpoint:
             deadline = jobs.format_time(self.now() + timedelta(seconds=budget))
-            self.notice(_Notice(stop=True, source="sigterm", deadline=deadline))
+            self.notice(_Notice(stop=True, source=SIGTERM_SOURCE, deadline=deadline))
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(budget)
             if child.poll() is None:
@@ -674,10 +674,15 @@ class Agent:
                 notice.id = next(self._request_ids)
                 if notice.stop:
                     self._stop_request = notice
-                    if self._first_stop_id is None:
-                        self._first_stop_id = notice.id
                 self._outstanding = notice
                 target = notice
+            if notice.stop and notice.source != SIGTERM_SOURCE and self._first_stop_id is None:
+                # A SIGTERM alone (a reboot, `systemctl stop`) ends no attempt: its
+                # checkpoint is recorded as the attempt's newest, not as its final one. A
+                # final checkpoint on the row would end the handshake of a later notice on
+                # this attempt at once, and the workflow would resume from it (older than
+                # the notice's). A notice that joins a SIGTERM's stop makes it final.
+                self._first_stop_id = target.id
             if waiter is not None:
                 self._waiters.append((waiter, target.id))
             answered = target.id <= self._answered
@@ -1175,6 +1180,8 @@ class Agent:
 
 LIMIT_SOURCE = "limit"
 """The `_Notice.source` of a stop a cost guard asked for (no notice: no recovery metrics)."""
+SIGTERM_SOURCE = "sigterm"
+"""The `_Notice.source` of the stop SIGTERM asks for (its checkpoint is not final)."""
 
 
 def _millis(moment: datetime) -> datetime:
