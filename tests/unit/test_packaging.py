@@ -371,6 +371,7 @@ _STUBS = {
   *) exit 22 ;;
 esac""",
     "aws": 'echo "aws $*" >> "$LOG"; [ "$1 $2" = "dynamodb get-item" ] && echo "$JOB_IMAGE"; exit 0',
+    "shutdown": 'echo "shutdown $*" >> "$LOG"',
     # `-m venv DIR` makes a venv of logging stubs; `-m zipfile` (the unpacking) is real
     "python3.11": """echo "python3.11 $*" >> "$LOG"
 if [ "$1 $2" = "-m venv" ]; then
@@ -380,6 +381,8 @@ if [ "$1 $2" = "-m venv" ]; then
     printf '#!/bin/bash\\necho "%s $*" >> "$LOG"\\n' "$tool" > "$venv/bin/$tool"
     chmod +x "$venv/bin/$tool"
   done
+  # pip fails on an install that names $PIP_FAILS_ON (an index down mid-download)
+  echo 'case "$*" in *"$PIP_FAILS_ON"*) [ -z "$PIP_FAILS_ON" ] || exit 1 ;; esac' >> "$venv/bin/pip"
   # The venv's python imports torch only where the AMI ships it (AMI_TORCH=1)
   printf '#!/bin/bash\\necho "python $*" >> "$LOG"\\n' > "$venv/bin/python"
   echo '[ "$*" != "-c import torch" ] || [ "$AMI_TORCH" = 1 ]' >> "$venv/bin/python"
@@ -398,8 +401,16 @@ class Boot:
     unit: dict[str, list[str]]
 
 
-def boot(tmp_path: Path, *, image: str = "None", gpu: bool = False, ami_torch: bool = False) -> Boot:
-    """Run user-data.sh as an instance would, under `tmp_path`, with stubbed commands."""
+def boot(
+    tmp_path: Path,
+    *,
+    image: str = "None",
+    gpu: bool = False,
+    ami_torch: bool = False,
+    pip_fails_on: str = "",
+) -> Boot:
+    """Run user-data.sh as an instance would, under `tmp_path`, with stubbed commands.
+    With `pip_fails_on`, the bootstrap must fail: `Boot.unit` is then empty."""
     root, stubs, tools = tmp_path / "root", tmp_path / "stubs", tmp_path / "tools"
     for folder in ("usr/local/bin", "etc/systemd/system", "opt", "run", "var/lib"):
         (root / folder).mkdir(parents=True)
@@ -435,10 +446,14 @@ def boot(tmp_path: Path, *, image: str = "None", gpu: bool = False, ami_torch: b
         "REAL_PYTHON": sys.executable,
         "JOB_IMAGE": image,
         "AMI_TORCH": "1" if ami_torch else "0",
+        "PIP_FAILS_ON": pip_fails_on,
     }
     ran = subprocess.run(
         ["/bin/bash", str(tmp_path / "user-data")], env=env, capture_output=True, text=True, timeout=60
     )
+    if pip_fails_on:
+        assert ran.returncode != 0 and "trainctl bootstrap failed at line" in ran.stderr, ran.stderr
+        return Boot(home, log.read_text().splitlines(), {})
     assert ran.returncode == 0, ran.stderr
     unit: dict[str, list[str]] = {}
     for line in (root / "etc/systemd/system/trainctl-agent.service").read_text().splitlines():
@@ -468,11 +483,24 @@ def test_on_the_host_the_jobs_python_is_the_venvs_with_trainctl_and_torch(tmp_pa
     pins = [line.split()[2:] for line in result.log if line.startswith("pip install")]
     torch = _train_extra_pin("torch")
     assert ["--quiet", str(result.home / "src")] in pins
-    cpu = ["--quiet", "--index-url", "https://download.pytorch.org/whl/cpu", torch]
-    assert (["--quiet", torch] if gpu else cpu) in pins
+    retried = ["--quiet", "--retries", "10", "--timeout", "60"]  # a multi-GB download
+    cpu = [*retried, "--index-url", "https://download.pytorch.org/whl/cpu", torch]
+    assert ([*retried, torch] if gpu else cpu) in pins
     # Which is everything the examples import
     installed = [arg for args in _pip_installs(result.log) for arg in args]
     assert _covers_the_examples(installed) == []
+
+
+def test_a_bootstrap_that_fails_powers_the_instance_off_instead_of_billing_without_an_agent(
+    tmp_path: Path,
+) -> None:
+    # When PyTorch's download fails for good on a replacement
+    result = boot(tmp_path, pip_fails_on="torch==")
+    # Then no agent unit was written, and the instance powers off (the launch template
+    # terminates on shutdown: the instance-state rule recovers the job elsewhere)
+    assert not (result.home.parent.parent / "etc/systemd/system/trainctl-agent.service").exists()
+    assert not any(line.startswith("systemctl") and "start" in line for line in result.log)
+    assert result.log[-1] == "shutdown -h now"
 
 
 def test_on_an_ami_that_ships_torch_the_host_venv_uses_it_instead_of_downloading(tmp_path: Path) -> None:

@@ -11,6 +11,10 @@
 # agent reads its job id from the instance's `trainctl:job-id` tag through IMDS (metadata
 # tags are on) and the command from the job row, so `trainctl agent` gets no command here.
 set -euo pipefail
+# A bootstrap that fails (a package index down, a full disk) must not leave an instance
+# billing with no agent: say where, and power off. The launch template terminates on
+# shutdown, and the instance-state rule then recovers the job from its last checkpoint.
+trap 'echo "trainctl bootstrap failed at line $LINENO: powering off" >&2; shutdown -h now' ERR
 
 TABLE="${JobsTableName}"
 BUCKET="${CheckpointBucketName}"
@@ -110,9 +114,10 @@ else
   if "$AGENT_HOME/venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     :
   elif nvidia-smi -L >/dev/null 2>&1; then
-    "$AGENT_HOME/venv/bin/pip" install --quiet "torch==$TORCH_VERSION"
+    "$AGENT_HOME/venv/bin/pip" install --quiet --retries 10 --timeout 60 "torch==$TORCH_VERSION"
   else
-    "$AGENT_HOME/venv/bin/pip" install --quiet --index-url https://download.pytorch.org/whl/cpu \
+    "$AGENT_HOME/venv/bin/pip" install --quiet --retries 10 --timeout 60 \
+      --index-url https://download.pytorch.org/whl/cpu \
       "torch==$TORCH_VERSION"
   fi
 fi
