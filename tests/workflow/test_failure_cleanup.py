@@ -423,6 +423,43 @@ def test_a_record_that_landed_before_its_error_is_kept_not_terminated(cloud: Clo
     )
 
 
+def test_a_failed_write_that_landed_before_its_error_is_reported_as_failed(cloud: Cloud) -> None:
+    # Given a job at its interruption limit whose FAILED write lands but DynamoDB answers
+    # with a server error: the retry then fails its own condition (the version moved)
+    pools = cloud.pools("m5.large", "m5.xlarge")
+    job = cloud.interrupted_job(pools, limits=jobs.JobLimits(max_interruptions=0))
+    assert job.instance_id is not None
+    cloud.faults.forget()
+    cloud.table_faults.script(job.job_id, FAILED_WRITE, RowFault(SERVER_ERROR, land=True))
+    arn = cloud.start(cloud.workflow_input(job, "spot-warning"))
+
+    # Then the workflow sees its own write on the row: the job FAILED with its reason, the
+    # warned old instance is ended with it, and the alert is the FAILED one, not "changed
+    # by someone else"
+    described = cloud.wait(arn)
+    reason = "max interruptions reached: 1 of 0"
+    assert (described["status"], described["error"], described["cause"]) == (
+        "FAILED",
+        "trainctl.JobFailed",
+        reason,
+    )
+    record = cloud.store.get(job.job_id)
+    assert (record.status, record.failure_reason, record.version) == (
+        JobStatus.FAILED,
+        reason,
+        job.version + 1,
+    )
+    failed = [e["taskFailedEventDetails"]["error"] for e in cloud.task_events(arn, "TaskFailed")]
+    assert failed == ["DynamoDB.InternalServerError", "DynamoDB.ConditionalCheckFailedException"]
+    entered = cloud.entered_states(arn)
+    assert "FailedLanded" in entered and "RefusedReason" not in entered
+    assert ended(cloud.instance(job.instance_id))
+    (message,) = cloud.messages(job.job_id)
+    assert message["subject"] == f"trainctl: {job.job_id} FAILED"
+    assert (message["body"]["event"], message["body"]["failure_reason"]) == ("job-failed", reason)
+    assert message["body"]["row_update_error"]["landed"] is True
+
+
 def test_a_job_row_changed_before_it_could_be_marked_failed_is_alerted(cloud: Cloud) -> None:
     # Given a launch that is about to fail (a non-capacity error) while the old instance,
     # warned, still runs
