@@ -273,3 +273,14 @@ def test_an_unexpected_failure_is_an_error_not_a_fail(monkeypatch: pytest.Monkey
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[0].startswith("rehearsal error: unexpected error: EndpointConnectionError:")
     assert "TRAINCTL_DEBUG=1" in lines[-1]
+
+
+def test_a_bad_at_option_is_a_usage_error_not_an_unexpected_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainctl.cli import app
+
+    monkeypatch.delenv("TRAINCTL_DEBUG", raising=False)
+    result = CliRunner().invoke(app, ["rehearse", "--interruptions", "2", "--at", "0.3,half"])
+
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["rehearsal error: --at takes comma-separated fractions like 0.3,0.6 (got '0.3,half')"]

@@ -168,7 +168,7 @@ def rehearse_command(
         cleaned = "its processes were stopped" + ("" if keep else " and its scratch files removed")
         message = f"rehearsal interrupted by {signal.Signals(signum).name}: {cleaned}"
         _error(console, message, 128 + signum, json_output=json_output)
-    except RehearsalError as exc:
+    except (RehearsalError, typer.BadParameter) as exc:  # a bad option: its own message
         _error(console, str(exc), EXIT_ERROR, json_output=json_output)
     except StackError as exc:  # no Node.js, a failing synth, a template without a resource
         _error(console, str(exc), EXIT_ERROR, json_output=json_output, brief=True)
