@@ -337,6 +337,7 @@ def test_list_shows_interruptions_and_savings(stack: Stack, cli: Cli) -> None:
 def test_list_shows_the_jobs_whose_prices_aws_refuses_with_the_reason(
     stack: Stack, cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    stack.spot_prices[("m5.large", "us-east-1a")] = [("2020-01-01T00:00:00Z", "0.032")]
     priced = stack.start_attempt(
         stack.new_job(stack.pools("m5.large"), now=utc(hours=-1)), stack.pools("m5.large")[0], utc(hours=-1)
     )
@@ -358,7 +359,7 @@ def test_list_shows_the_jobs_whose_prices_aws_refuses_with_the_reason(
     result = cli("list", "--json")
     assert result.exit_code == 0
     rows = {r["job_id"]: r for r in result.json()}
-    assert rows[priced.job_id]["saving"]["usd"] is not None
+    assert rows[priced.job_id]["saving"]["usd"] is not None, rows[priced.job_id]["saving"]
     assert rows[refused.job_id]["saving"]["usd"] is None
     assert "DescribeSpotPriceHistory" in rows[refused.job_id]["saving"]["error"]
 
