@@ -63,6 +63,17 @@ def bootstrap_script() -> str:
     return "\n".join(lines)
 
 
+def boot_failure_trap() -> str:
+    """user-data.sh's ERR trap (power off on a failed step), to be set before the agent
+    download that precedes the script too: one line, kept in the script."""
+    traps = [
+        line for line in bootstrap_script().splitlines() if line.startswith("trap ") and line.endswith(" ERR")
+    ]
+    if len(traps) != 1:
+        raise ValueError(f"{BOOTSTRAP_SCRIPT} must set exactly one ERR trap (found {len(traps)})")
+    return traps[0]
+
+
 def agent_log_group_name(stack_name: str) -> str:
     """`/trainctl/<stack>/agent`: the name `trainctl logs` falls back to without the output."""
     return f"/trainctl/{stack_name}/agent"
@@ -377,8 +388,9 @@ class Instances(Construct):
         filled here with Fn::Sub, so the values stay CloudFormation references.
         """
         user_data = ec2.UserData.for_linux()
-        # Before the download, so a failed `aws s3 cp` stops the boot instead of the unzip.
-        user_data.add_commands("set -euo pipefail")
+        # Before the download, so a failed `aws s3 cp` stops the boot instead of the unzip,
+        # and powers the instance off like any other failed bootstrap step.
+        user_data.add_commands("set -euo pipefail", boot_failure_trap())
         archive = user_data.add_s3_download_command(
             bucket=agent.bucket, bucket_key=agent.s3_object_key, local_file=AGENT_ARCHIVE
         )

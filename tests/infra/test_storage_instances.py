@@ -846,13 +846,14 @@ esac
 """,
     "aws": """echo "aws $*" >> "$LOG"
 case "$1 $2" in
-  "s3 cp") cp "$AGENT_ZIP" "$4" ;;
+  "s3 cp") [ -z "$S3_FAILS" ] || exit 1; cp "$AGENT_ZIP" "$4" ;;
   "dynamodb get-item") echo "$JOB_IMAGE" ;;
   "ecr get-login-password") echo ecr-secret ;;
   *) exit 1 ;;
 esac
 """,
 }
+_STUBS["shutdown"] = 'echo "shutdown $*" >> "$LOG"\n'
 _PACKAGES = {
     "python3.11": """echo "python3.11 $*" >> "$LOG"
 if [ "$1 $2" = "-m venv" ]; then
@@ -890,8 +891,9 @@ class _Boot:
     stubs: Path
 
 
-def _boot(synth: Any, tmp_path: Path, *, job_image: str) -> _Boot:
-    """Run the rendered user data as cloud-init would, with the instance's commands stubbed."""
+def _boot(synth: Any, tmp_path: Path, *, job_image: str, s3_fails: bool = False) -> _Boot:
+    """Run the rendered user data as cloud-init would, with the instance's commands stubbed.
+    With `s3_fails` the agent download fails and the boot must too (no unit, no env file)."""
     root, stubs, packages, tools = (tmp_path / d for d in ("root", "stubs", "packages", "tools"))
     for folder in (root, stubs, packages, tools):
         folder.mkdir()
@@ -920,10 +922,14 @@ def _boot(synth: Any, tmp_path: Path, *, job_image: str) -> _Boot:
         "AGENT_ZIP": str(agent_zip),
         "JOB_ID": "job-1",
         "JOB_IMAGE": job_image,
+        "S3_FAILS": "1" if s3_fails else "",
     }
     ran = subprocess.run(
         ["/bin/bash", str(script)], env=env, capture_output=True, text=True, check=False, timeout=60
     )
+    if s3_fails:
+        assert ran.returncode != 0 and "trainctl bootstrap failed at line" in ran.stderr, ran.stderr
+        return _Boot(root, log.read_text().splitlines(), {}, {}, "", stubs)
     assert ran.returncode == 0, ran.stderr
     unit: dict[str, list[str]] = {}
     for line in (root / "etc/systemd/system/trainctl-agent.service").read_text().splitlines():
@@ -960,8 +966,8 @@ def test_user_data_starts_the_agent_without_a_command_and_never_restarts(
     assert Path(agent_bin).resolve() == Path(home, "venv", "bin", "trainctl")
     # And the agent starts with no command (it runs the job row's) and is never restarted
     assert boot.unit["ExecStart"] == [f"{agent_bin} agent"]
-    assert "ExecStopPost" not in boot.unit
     _never_restarts(boot)
+    _powers_off_after_a_terminal_outcome_or_an_agent_that_could_not_run(boot, tmp_path)
     assert not any(call.startswith("docker") for call in boot.log)
     # The job row was read for its image only, by the key of the tagged job
     (read,) = [call for call in boot.log if call.startswith("aws dynamodb get-item")]
@@ -1005,14 +1011,23 @@ def test_user_data_runs_a_job_image_with_the_agent_as_entrypoint(default_synth: 
     assert argv[argv.index(image) + 1 :] == ["--staging-dir", boot.env[runtime_env.STAGING_DIR]]
     assert f"{boot.root}/run/trainctl:{boot.root}/run/trainctl" in argv
     _never_restarts(boot)
-    # The host powers off when the agent (a container cannot) left its marker: after any
-    # terminal outcome, failures included; not after a notice or a stop from outside.
+    _powers_off_after_a_terminal_outcome_or_an_agent_that_could_not_run(boot, tmp_path)
+
+
+def _powers_off_after_a_terminal_outcome_or_an_agent_that_could_not_run(boot: _Boot, tmp_path: Path) -> None:
+    # The host powers off when the agent left its marker (a container cannot power off
+    # its host): after any terminal outcome, failures included; and when the agent could
+    # not run the attempt at all (a non-zero exit, a core dump, the OOM killer). Not after
+    # a notice or a stop from outside (the agent exits 0 on SIGTERM; `systemctl kill`).
     (after,) = boot.unit["ExecStopPost"]
     marker = boot.root / "run/trainctl/shutdown-requested"
     assert not marker.exists()  # none left over from before this boot
     for result, left, shut_down in (
         ("success", True, True),
         ("exit-code", True, True),
+        ("exit-code", False, True),
+        ("core-dump", False, True),
+        ("oom-kill", False, True),
         ("success", False, False),
         ("signal", False, False),
     ):
@@ -1023,4 +1038,13 @@ def test_user_data_runs_a_job_image_with_the_agent_as_entrypoint(default_synth: 
         log = tmp_path / f"after-{result}-{left}.log"
         env = {"PATH": str(boot.stubs), "LOG": str(log), "SERVICE_RESULT": result}
         assert subprocess.run([after], env=env, check=False).returncode == 0
-        assert (log.exists() and log.read_text() == "shutdown -h now\n") is shut_down
+        assert (log.exists() and log.read_text() == "shutdown -h now\n") is shut_down, (result, left)
+
+
+def test_an_agent_download_that_fails_powers_the_instance_off(default_synth: Any, tmp_path: Path) -> None:
+    # When the agent source cannot be downloaded (S3 or KMS refuses, the asset is gone)
+    boot = _boot(default_synth, tmp_path, job_image="None", s3_fails=True)
+    # Then nothing else runs, and the instance powers off instead of billing idle (the
+    # launch template terminates on shutdown: the instance-state rule recovers the job)
+    assert [line.split()[:3] for line in boot.log] == [["aws", "s3", "cp"], ["shutdown", "-h", "now"]]
+    assert not (boot.root / "etc/systemd/system/trainctl-agent.service").exists()

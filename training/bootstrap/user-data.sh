@@ -74,7 +74,26 @@ IMAGE="$(aws dynamodb get-item --region "$REGION" --table-name "$TABLE" --key "$
            --query 'Item.spec.M.image.S' --output text)"
 if [ "$IMAGE" = "None" ]; then IMAGE=""; fi
 
-STOP_POST=""
+# Powers the host off when the unit ends, in both modes:
+# - the agent left the marker file: a container cannot power off its host, so the agent
+#   in it (training/Dockerfile, its --shutdown-command) leaves it after every terminal
+#   outcome of the attempt (succeeded, failed, superseded, no resume point);
+# - the agent could not run the attempt at all: it exited non-zero (every outcome's exit
+#   code comes with a shutdown already; this is a bad configuration, a crash, an image
+#   that does not start), dumped core or was killed for memory. Nobody would use that
+#   instance again, and it would bill until noticed.
+# Not after an interruption notice or a stop from outside (SIGTERM: the agent exits 0;
+# `systemctl kill`: "signal"): whoever stops it owns what comes next.
+cat > /usr/local/bin/trainctl-after-job <<'SH'
+#!/bin/sh
+[ -e /run/trainctl/shutdown-requested ] && exec shutdown -h now
+case "$SERVICE_RESULT" in
+  exit-code|core-dump|oom-kill) exec shutdown -h now ;;
+esac
+exit 0
+SH
+chmod 0755 /usr/local/bin/trainctl-after-job
+STOP_POST="ExecStopPost=/usr/local/bin/trainctl-after-job"
 UNIT_PATH=""
 if [ -n "$IMAGE" ]; then
   command -v docker >/dev/null || dnf install -y -q docker
@@ -90,17 +109,6 @@ if [ -n "$IMAGE" ]; then
   EXEC="/usr/bin/docker run --rm --name trainctl-job --network host --stop-timeout 110"
   EXEC="$EXEC --env-file $ENV_FILE -v /run/trainctl:/run/trainctl -v /var/lib/trainctl:/var/lib/trainctl"
   EXEC="$EXEC $IMAGE --staging-dir $STAGING"
-  # A container cannot power off its host. The agent in it (training/Dockerfile) leaves
-  # the marker file (its --shutdown-command) after every terminal outcome of the attempt
-  # (succeeded, failed, superseded, no resume point), and not after an interruption
-  # notice or a stop from outside; the host powers off when the unit ends with it there.
-  cat > /usr/local/bin/trainctl-after-job <<'SH'
-#!/bin/sh
-[ -e /run/trainctl/shutdown-requested ] && exec shutdown -h now
-exit 0
-SH
-  chmod 0755 /usr/local/bin/trainctl-after-job
-  STOP_POST="ExecStopPost=/usr/local/bin/trainctl-after-job"
 else
   EXEC="$AGENT_BIN agent"
   # Host mode: the agent runs the job's command (`python train.py`) with this PATH, so
