@@ -1092,6 +1092,26 @@ def test_the_agent_takes_its_attempt_from_the_instance_tag(
     assert world.store.get(JOB).instance_id == "i-0bbbbbbbbbbbbbbb2"
 
 
+def test_a_booting_agent_asks_an_imds_that_did_not_answer_again(
+    world: World, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an instance of the job whose IMDS does not answer its first requests (a busy
+    # instance at boot: each one times out)
+    job = world.add_job()
+    for name in (cli.env.JOB_ID, cli.env.INSTANCE_ID, cli.env.ATTEMPT):
+        monkeypatch.delenv(name, raising=False)
+    tags = {settings.TAG_JOB_ID: JOB, settings.TAG_ATTEMPT: str(job.attempt)}
+    with FakeImds(INSTANCE, tags=tags) as fake:
+        fake.unanswered = 2
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", fake.url)
+        # When its agent starts as the bootstrap starts it (no flags for its identity)
+        rc = cli.agent_main(_agent_argv(tmp_path, "--resume-wait-seconds", "30", "--", "true"))
+    # Then it asked again, learnt who it is and ran the job (not "missing --job-id")
+    assert fake.unanswered == 0
+    assert rc == 0
+    assert world.store.get(JOB).status == jobs.JobStatus.SUCCEEDED
+
+
 @pytest.mark.parametrize("status", [403, 405])
 def test_imds_refusing_its_token_means_unavailable_not_a_crash(
     world: World, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any, capsys: Any, status: int

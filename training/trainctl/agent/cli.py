@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 from trainctl import runtime_env as env
 
 if TYPE_CHECKING:
+    from trainctl.agent.imds import ImdsClient
     from trainctl_core.store import JobStore
 
 logger = logging.getLogger("trainctl.agent")
@@ -114,6 +116,47 @@ def _command_from_row(store: JobStore, job_id: str, table: str) -> list[str]:
     return list(job.spec.command)
 
 
+IMDS_IDENTITY_WAIT_SECONDS = 60.0
+"""How long a booting agent keeps asking an unreachable IMDS who it is before giving up."""
+
+
+def _identity_from_imds(
+    imds: ImdsClient, instance_id: str | None, job_id: str | None, attempt: int | None
+) -> tuple[str | None, str | None, int | None]:
+    """Fill in what the flags left out from IMDS: instance id, and the job id and attempt
+    from the instance's tags (metadata tags on). The attempt lets a stopped instance that
+    comes back after its replacement took over stand down at once.
+
+    An IMDS that does not answer at all is asked again, with backoff, for up to
+    `IMDS_IDENTITY_WAIT_SECONDS`: on a busy instance at boot a request can time out, and
+    giving up would leave the instance without an agent. A refusal (IMDS turned off) is
+    final at once."""
+    from trainctl.agent.imds import ImdsUnavailable, ImdsUnreachable
+    from trainctl_core.settings import TAG_ATTEMPT, TAG_JOB_ID
+
+    give_up = time.monotonic() + IMDS_IDENTITY_WAIT_SECONDS
+    delay = 0.5
+    while True:
+        try:
+            found_instance = instance_id or imds.instance_id()
+            tagged_job = imds.tag(TAG_JOB_ID)
+            found_job = job_id or tagged_job
+            found_attempt = attempt
+            if found_attempt is None and tagged_job is not None and tagged_job == found_job:
+                found_attempt = _attempt_from_tag(imds.tag(TAG_ATTEMPT))
+            return found_instance, found_job, found_attempt
+        except ImdsUnreachable as exc:
+            if time.monotonic() + delay > give_up:
+                logger.warning("IMDS unavailable: %s", exc)
+                return instance_id, job_id, attempt
+            logger.warning("IMDS unreachable (%s): asking again in %.1f s", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+        except ImdsUnavailable as exc:
+            logger.warning("IMDS unavailable: %s", exc)
+            return instance_id, job_id, attempt
+
+
 def agent_main(argv: Sequence[str] | None = None) -> int:
     """`trainctl agent [flags] [-- python train.py ...]`; returns the process exit code.
 
@@ -123,7 +166,7 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
     args = _agent_parser().parse_args(list(argv) if argv is not None else None)
     command = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] else list(args.command)
 
-    from trainctl.agent.imds import ImdsClient, ImdsUnavailable
+    from trainctl.agent.imds import ImdsClient
     from trainctl.agent.supervisor import Agent, AgentConfig
     from trainctl_core import clients
     from trainctl_core.store import JobStore
@@ -134,19 +177,7 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
     job_id = args.job_id
     attempt = args.attempt
     if imds is not None and (not instance_id or not job_id or attempt is None):
-        try:
-            instance_id = instance_id or imds.instance_id()
-            # Instances launched by trainctl carry their job id and attempt as tags
-            # (metadata tags on). The attempt lets a stopped instance that comes back
-            # after its replacement took over stand down at once.
-            from trainctl_core.settings import TAG_ATTEMPT, TAG_JOB_ID
-
-            tagged_job = imds.tag(TAG_JOB_ID)
-            job_id = job_id or tagged_job
-            if attempt is None and tagged_job is not None and tagged_job == job_id:
-                attempt = _attempt_from_tag(imds.tag(TAG_ATTEMPT))
-        except ImdsUnavailable as exc:
-            logger.warning("IMDS unavailable: %s", exc)
+        instance_id, job_id, attempt = _identity_from_imds(imds, instance_id, job_id, attempt)
     missing = [
         name
         for name, value in (("--job-id", job_id), ("--instance-id", instance_id), ("--table", args.table))

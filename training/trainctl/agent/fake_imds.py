@@ -11,6 +11,7 @@ import contextlib
 import json
 import secrets
 import threading
+import time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -41,6 +42,11 @@ class FakeImds:
         self.rebalance: dict[str, str] | None = None
         self.tokens: set[str] = set()
         self.requests: list[str] = []
+        # The next this many requests get no answer until the client's timeout has passed
+        # (a busy instance at boot); then the connection is closed.
+        self.unanswered = 0
+        self.unanswered_seconds = 1.5
+        self._lock = threading.Lock()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +55,8 @@ class FakeImds:
 
             def do_PUT(self) -> None:
                 fake.requests.append(f"PUT {self.path}")
+                if fake._leave_unanswered():
+                    return
                 if self.path != imds.TOKEN_PATH or not self.headers.get(imds.TOKEN_TTL_HEADER):
                     self._send(400, "")
                     return
@@ -61,6 +69,8 @@ class FakeImds:
 
             def do_GET(self) -> None:
                 fake.requests.append(f"GET {self.path}")
+                if fake._leave_unanswered():
+                    return
                 if self.headers.get(imds.TOKEN_HEADER) not in fake.tokens:
                     self._send(401, "")
                     return
@@ -109,6 +119,14 @@ class FakeImds:
 
     def recommend_rebalance(self, when: datetime) -> None:
         self.rebalance = {"noticeTime": _z(when)}
+
+    def _leave_unanswered(self) -> bool:
+        with self._lock:
+            if self.unanswered <= 0:
+                return False
+            self.unanswered -= 1
+        time.sleep(self.unanswered_seconds)
+        return True
 
     def start(self) -> FakeImds:
         self._thread.start()

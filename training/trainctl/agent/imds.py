@@ -49,6 +49,11 @@ class ImdsUnavailable(RuntimeError):
     """The metadata service did not answer (not on EC2, or IMDS disabled)."""
 
 
+class ImdsUnreachable(ImdsUnavailable):
+    """No answer at all (connection refused, timed out): possibly only for a moment, e.g.
+    while a busy instance boots; a refusal (an HTTP error) is never this."""
+
+
 @dataclass(frozen=True)
 class InstanceAction:
     action: str  # terminate | stop | hibernate
@@ -117,7 +122,7 @@ class ImdsClient:
         except urllib.error.HTTPError:
             raise
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            raise ImdsUnavailable(f"IMDS at {self.endpoint} unreachable: {exc}") from exc
+            raise ImdsUnreachable(f"IMDS at {self.endpoint} unreachable: {exc}") from exc
 
     def get(self, path: str) -> str | None:
         """The body at `path`, or None on 404 (e.g. no notice yet)."""
