@@ -132,11 +132,11 @@ class Synth:
                 owners = [render(o) for key in ("Roles", "Users", "Groups") for o in props.get(key, [])] or [
                     f"<unattached {logical_id}>"
                 ]
-                for statement in _as_list(props["PolicyDocument"]["Statement"]):
+                for statement in as_list(props["PolicyDocument"]["Statement"]):
                     out += [(owner, statement) for owner in owners]
             if resource["Type"] in ("AWS::IAM::Role", "AWS::IAM::User", "AWS::IAM::Group"):
                 for policy in props.get("Policies", []):
-                    for statement in _as_list(policy["PolicyDocument"]["Statement"]):
+                    for statement in as_list(policy["PolicyDocument"]["Statement"]):
                         out.append((f"${{{logical_id}}}", statement))
         return out
 
@@ -147,8 +147,33 @@ class Synth:
         return ids[0]
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """A policy field that may be one value or a list, as a list."""
     return value if isinstance(value, list) else [value]
+
+
+def policy_statements(synth: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(logical id, statement) for every statement of an AWS::IAM::Policy or a role's
+    inline policies, owned by the resource that declares it."""
+    out = []
+    for logical_id, res in synth.json["Resources"].items():
+        if res["Type"] == "AWS::IAM::Policy":
+            out += [(logical_id, s) for s in res["Properties"]["PolicyDocument"]["Statement"]]
+        if res["Type"] == "AWS::IAM::Role":
+            for policy in res["Properties"].get("Policies", []):
+                out += [(logical_id, s) for s in policy["PolicyDocument"]["Statement"]]
+    return out
+
+
+def normalised_statements(statements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Statements with references rendered and single actions/resources as lists, sorted."""
+    out = []
+    for statement in statements:
+        item = render(statement)
+        for key in ("Action", "Resource"):
+            item[key] = sorted(as_list(item[key]))
+        out.append(item)
+    return sorted(out, key=lambda s: json.dumps(s, sort_keys=True))
 
 
 _SYNTH_DONE = "synth-complete.json"

@@ -11,7 +11,7 @@ import pytest
 from aws_cdk.assertions import Match
 
 from infra.constructs.detection import INSTANCE_STATE_HANDLER, INTERRUPTION_HANDLER
-from tests.infra.conftest import render
+from tests.infra.conftest import as_list, normalised_statements, policy_statements, render
 from trainctl_core.events import rule_patterns
 from trainctl_core.settings import (
     ENV_CHECKPOINT_BUCKET,
@@ -54,21 +54,6 @@ def _functions(synth: Any) -> dict[str, dict[str, Any]]:
     }
 
 
-def _all_statements(synth: Any) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for logical_id, res in synth.json["Resources"].items():
-        if res["Type"] == "AWS::IAM::Policy":
-            out += [(logical_id, s) for s in res["Properties"]["PolicyDocument"]["Statement"]]
-        if res["Type"] == "AWS::IAM::Role":
-            for policy in res["Properties"].get("Policies", []):
-                out += [(logical_id, s) for s in policy["PolicyDocument"]["Statement"]]
-    return out
-
-
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
-
-
 def _role_statements(synth: Any, role_id: str) -> list[dict[str, Any]]:
     """Every identity-policy statement of one role: inline and attached AWS::IAM::Policy."""
     role = synth.resources("AWS::IAM::Role")[role_id]["Properties"]
@@ -87,7 +72,7 @@ def _every_statement(synth: Any) -> Iterator[tuple[str, str, dict[str, Any]]]:
         if isinstance(node, dict):
             statements = node.get("Statement")
             if isinstance(statements, dict | list) and "Version" in node:
-                for statement in _as_list(statements):
+                for statement in as_list(statements):
                     yield where, statement
             for key, value in node.items():
                 yield from walk(value, f"{where}.{key}")
@@ -122,7 +107,7 @@ def _wildcard_actions(synth: Any) -> set[tuple[str, str]]:
         assert "NotAction" not in statement, f"{logical_id}: Allow with NotAction"
         if _root_key_admin(where, statement):
             continue
-        for action in _as_list(statement["Action"]):
+        for action in as_list(statement["Action"]):
             # Partial wildcards too: CDK's KMS grants (e.g. Topic.grant_publish) name
             # kms:GenerateDataKey*, so key use is written out action by action.
             if "*" in action:
@@ -338,10 +323,10 @@ def test_async_failures_go_to_the_failure_queue(any_synth: Any) -> None:
 
 
 def test_send_command_only_our_document_and_tagged_instances(any_synth: Any) -> None:
-    send = [s for _, s in _all_statements(any_synth) if "ssm:SendCommand" in _as_list(s["Action"])]
+    send = [s for _, s in policy_statements(any_synth) if "ssm:SendCommand" in as_list(s["Action"])]
     assert {s["Sid"] for s in send} == {"SendOurCheckpointDocument", "ToTrainctlInstancesOnly"}
     for statement in send:
-        assert _as_list(statement["Action"]) == ["ssm:SendCommand"]
+        assert as_list(statement["Action"]) == ["ssm:SendCommand"]
         if statement["Sid"] == "SendOurCheckpointDocument":
             doc = any_synth.logical_id("CheckpointDocument", "AWS::SSM::Document")
             assert {"Ref": doc} in statement["Resource"]["Fn::Join"][1]
@@ -354,8 +339,8 @@ def test_send_command_only_our_document_and_tagged_instances(any_synth: Any) -> 
     # Only the interruption handler checkpoints instances.
     owners = {
         logical_id
-        for logical_id, s in _all_statements(any_synth)
-        if "ssm:SendCommand" in _as_list(s["Action"])
+        for logical_id, s in policy_statements(any_synth)
+        if "ssm:SendCommand" in as_list(s["Action"])
     }
     assert len(owners) == 1 and "InterruptionHandler" in owners.pop()
 
@@ -364,8 +349,8 @@ def test_handlers_may_start_the_resume_workflow(any_synth: Any) -> None:
     machine = any_synth.logical_id("ResumeStateMachine", "AWS::StepFunctions::StateMachine")
     starters = {
         logical_id
-        for logical_id, s in _all_statements(any_synth)
-        if "states:StartExecution" in _as_list(s["Action"]) and s["Resource"] == {"Ref": machine}
+        for logical_id, s in policy_statements(any_synth)
+        if "states:StartExecution" in as_list(s["Action"]) and s["Resource"] == {"Ref": machine}
     }
     assert any("InterruptionHandler" in s for s in starters)
     assert any("InstanceStateHandler" in s for s in starters)
@@ -413,19 +398,9 @@ def test_handlers_get_exactly_the_dynamodb_calls_they_make(any_synth: Any) -> No
         dynamodb = [
             s
             for s in _role_statements(any_synth, role_id)
-            if any(a.lower().startswith("dynamodb:") for a in _as_list(s["Action"]))
+            if any(a.lower().startswith("dynamodb:") for a in as_list(s["Action"]))
         ]
-        assert _sorted_statements(dynamodb) == _sorted_statements(expected)
-
-
-def _sorted_statements(statements: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for statement in statements:
-        item = render(statement)
-        for key in ("Action", "Resource"):
-            item[key] = sorted(_as_list(item[key]))
-        out.append(item)
-    return sorted(out, key=lambda s: json.dumps(s, sort_keys=True))
+        assert normalised_statements(dynamodb) == normalised_statements(expected)
 
 
 def test_handlers_write_logs_to_their_own_log_group_only(any_synth: Any) -> None:
@@ -442,7 +417,7 @@ def test_handlers_write_logs_to_their_own_log_group_only(any_synth: Any) -> None
         logs_statements = [
             s
             for s in _role_statements(any_synth, role_id)
-            if any(a.startswith("logs:") for a in _as_list(s["Action"]))
+            if any(a.startswith("logs:") for a in as_list(s["Action"]))
         ]
         assert logs_statements == [
             {
@@ -489,11 +464,11 @@ def test_wildcard_check_sees_key_policies_and_inline_policies(default_synth: Any
 
 
 def test_star_resources_only_where_the_api_has_no_resource_level(any_synth: Any) -> None:
-    for logical_id, statement in _all_statements(any_synth):
-        if "*" in _as_list(statement.get("Resource", [])):
+    for logical_id, statement in policy_statements(any_synth):
+        if "*" in as_list(statement.get("Resource", [])):
             if "CustomVpcRestrictDefaultSG" in logical_id:
                 continue  # CDK-owned provider role (inline policy, scoped to the default SG)
-            extra = set(_as_list(statement["Action"])) - STAR_RESOURCE_ALLOWED
+            extra = set(as_list(statement["Action"])) - STAR_RESOURCE_ALLOWED
             assert not extra, f"{logical_id}: '*' resource for {sorted(extra)}"
 
 
@@ -554,7 +529,7 @@ def test_every_alarm_action_can_publish_to_its_topic(any_synth: Any) -> None:
         return any(
             s["Effect"] == "Allow"
             and s.get("Principal") == {"Service": "cloudwatch.amazonaws.com"}
-            and action in _as_list(s["Action"])
+            and action in as_list(s["Action"])
             for s in statements
         )
 

@@ -27,7 +27,7 @@ from infra.stack import (
     OUTPUT_REPOSITORY_URI,
     OUTPUT_STATE_MACHINE,
 )
-from tests.infra.conftest import PROD_CONTEXT, render
+from tests.infra.conftest import PROD_CONTEXT, as_list, normalised_statements, policy_statements, render
 from trainctl import runtime_env
 from trainctl_core.settings import (
     CHECKPOINT_MODES,
@@ -371,17 +371,6 @@ def test_new_vpc_only_without_context_ids(default_synth: Any, prod_synth: Any) -
     )
 
 
-def _normalised(statements: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Statements with references rendered and single actions/resources as lists, sorted."""
-    out = []
-    for statement in statements:
-        item = render(statement)
-        for key in ("Action", "Resource"):
-            item[key] = sorted(_as_list(item[key]))
-        out.append(item)
-    return sorted(out, key=lambda s: json.dumps(s, sort_keys=True))
-
-
 _AGENT_ASSET = re.compile(r"^[0-9a-f]{64}\.zip$")
 
 
@@ -396,7 +385,7 @@ def test_instance_role_least_privilege(any_synth: Any) -> None:
         for p in any_synth.resources("AWS::IAM::Policy").values()
         if {"Ref": role_id} in p["Properties"]["Roles"]
     ]
-    statements = _normalised([s for policy in attached for s in policy])
+    statements = normalised_statements([s for policy in attached for s in policy])
 
     # The agent source object is named by its content hash: check its shape, then pin it.
     (agent,) = [s for s in statements if s.get("Sid") == "ReadAgentSource"]
@@ -477,7 +466,7 @@ def test_instance_role_least_privilege(any_synth: Any) -> None:
             "Resource": [f"${{{ids['machine']}}}"],
         },
     ]
-    assert statements == _normalised(expected)
+    assert statements == normalised_statements(expected)
 
 
 def test_handshake_permissions_are_a_separate_policy(any_synth: Any) -> None:
@@ -506,9 +495,9 @@ def _grants_any(statement: dict[str, Any], actions: tuple[str, ...]) -> bool:
     if statement["Effect"] != "Allow":
         return False
     if "NotAction" in statement:
-        excluded = [a.lower() for a in _as_list(statement["NotAction"])]
+        excluded = [a.lower() for a in as_list(statement["NotAction"])]
         return any(not any(fnmatch.fnmatchcase(a.lower(), x) for x in excluded) for a in actions)
-    patterns = [a.lower() for a in _as_list(statement["Action"])]
+    patterns = [a.lower() for a in as_list(statement["Action"])]
     return any(fnmatch.fnmatchcase(a.lower(), p) for a in actions for p in patterns)
 
 
@@ -528,7 +517,7 @@ def test_workflow_may_launch_only_from_our_template(any_synth: Any) -> None:
     grants = [(owner, s) for owner, s in any_synth.identity_statements() if _grants_any(s, _LAUNCH_ACTIONS)]
     role = any_synth.logical_id("ResumeStateMachineRole", "AWS::IAM::Role")
     assert {owner for owner, _ in grants} == {f"${{{role}}}"}
-    statements = _normalised([s for _, s in grants])
+    statements = normalised_statements([s for _, s in grants])
     template = any_synth.arn(
         "ec2", f"launch-template/${{{any_synth.logical_id('LaunchTemplate', 'AWS::EC2::LaunchTemplate')}}}"
     )
@@ -607,14 +596,14 @@ def test_workflow_may_launch_only_from_our_template(any_synth: Any) -> None:
             "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
         },
     ]
-    assert statements == _normalised(expected)
+    assert statements == normalised_statements(expected)
 
 
 def test_launches_use_only_the_deployment_subnets_and_security_group(any_synth: Any) -> None:
     # The ARNs the grant pins are the subnets the workflow is told about (stack output)
     # and the group the launch template names.
     (subnet_grant,) = [s for s in _workflow_statements(any_synth) if s.get("Sid") == "IntoOurSubnetsOnly"]
-    granted = {render(r).rsplit("/", 1)[1] for r in _as_list(subnet_grant["Resource"])}
+    granted = {render(r).rsplit("/", 1)[1] for r in as_list(subnet_grant["Resource"])}
     output = render(any_synth.json["Outputs"]["SubnetIds"]["Value"])
     assert granted == set(output.split(","))
     data = any_synth.one("AWS::EC2::LaunchTemplate")["Properties"]["LaunchTemplateData"]
@@ -630,25 +619,14 @@ def test_workflow_terminates_only_managed_instances(any_synth: Any) -> None:
     # The construct's grant (workflow.py) as deployed: every TerminateInstances statement
     # is limited to instances carrying trainctl:managed=true.
     terminate = [
-        s for _, s in _all_policy_statements(any_synth) if "ec2:TerminateInstances" in _as_list(s["Action"])
+        s for _, s in policy_statements(any_synth) if "ec2:TerminateInstances" in as_list(s["Action"])
     ]
     assert terminate, "the workflow must be able to terminate a failed job's instance"
     for statement in terminate:
         assert statement["Effect"] == "Allow"
-        assert _as_list(statement["Action"]) == ["ec2:TerminateInstances"]
+        assert as_list(statement["Action"]) == ["ec2:TerminateInstances"]
         assert render(statement["Resource"]) == any_synth.arn("ec2", "instance/*")
         assert statement["Condition"] == {"StringEquals": {f"aws:ResourceTag/{TAG_MANAGED}": "true"}}
-
-
-def _all_policy_statements(synth: Any) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for logical_id, res in synth.json["Resources"].items():
-        if res["Type"] == "AWS::IAM::Policy":
-            out += [(logical_id, s) for s in res["Properties"]["PolicyDocument"]["Statement"]]
-        if res["Type"] == "AWS::IAM::Role":
-            for policy in res["Properties"].get("Policies", []):
-                out += [(logical_id, s) for s in policy["PolicyDocument"]["Statement"]]
-    return out
 
 
 def test_outputs_for_the_cli(any_synth: Any) -> None:
@@ -665,10 +643,6 @@ def test_outputs_for_the_cli(any_synth: Any) -> None:
     ):
         assert name in outputs
         assert "Export" not in outputs[name]  # no cross-stack coupling
-
-
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
 
 
 # --- agent logs ------------------------------------------------------------------------
@@ -706,7 +680,7 @@ def test_agent_log_group_output_names_the_group(any_synth: Any) -> None:
 def test_instance_role_may_only_ship_to_the_agent_log_group(any_synth: Any) -> None:
     logical_id, _ = _agent_log_group(any_synth)
     statements = _statements(any_synth, "InstancesInstanceRoleDefaultPolicy")
-    logs_statements = [s for s in statements if any(a.startswith("logs:") for a in _as_list(s["Action"]))]
+    logs_statements = [s for s in statements if any(a.startswith("logs:") for a in as_list(s["Action"]))]
     create = _by_sid(statements, "CreateAgentLogStreams")
     put = _by_sid(statements, "ShipAgentLogs")
     # Exactly these two, nothing else on CloudWatch Logs (no CreateLogGroup, no `logs:*`).
