@@ -447,6 +447,30 @@ def tags_of(instance: dict[str, Any]) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
 
 
+def assert_guard_hit(cloud: Cloud, job: Job, arn: str, reason: str) -> dict[str, Any]:
+    """A guard ended the job: FAILED with `reason`, alerted, nothing launched. Returns the
+    alert (the SNS message)."""
+    described = cloud.wait(arn)
+    assert (described["status"], described["error"], described["cause"]) == (
+        "FAILED",
+        "trainctl.JobFailed",
+        reason,
+    )
+    record = cloud.store.get(job.job_id)
+    assert (record.status, record.failure_reason, record.version) == (
+        jobs.JobStatus.FAILED,
+        reason,
+        job.version + 1,
+    )
+    entered = cloud.entered_states(arn)
+    assert "Recover" not in entered and "MarkFailed" in entered
+    assert not [e for e in cloud.task_events(arn, "TaskScheduled") if resource_of(e) == "runInstances"]
+    (message,) = cloud.messages(job.job_id)
+    assert message["subject"] == f"trainctl: {job.job_id} FAILED"
+    assert (message["body"]["event"], message["body"]["failure_reason"]) == ("job-failed", reason)
+    return message
+
+
 def resource_of(event: dict[str, Any]) -> str:
     """The API a Task* history event is about (e.g. `runInstances`)."""
     details = next(v for k, v in event.items() if k.endswith("EventDetails"))

@@ -29,6 +29,7 @@ from tests.workflow.conftest import (
     TRANSIENT_MESSAGES,
     Cloud,
     RowFault,
+    assert_guard_hit,
     ended,
     resource_of,
 )
@@ -436,27 +437,12 @@ def test_a_failed_write_that_landed_before_its_error_is_reported_as_failed(cloud
     # Then the workflow sees its own write on the row: the job FAILED with its reason, the
     # warned old instance is ended with it, and the alert is the FAILED one, not "changed
     # by someone else"
-    described = cloud.wait(arn)
-    reason = "max interruptions reached: 1 of 0"
-    assert (described["status"], described["error"], described["cause"]) == (
-        "FAILED",
-        "trainctl.JobFailed",
-        reason,
-    )
-    record = cloud.store.get(job.job_id)
-    assert (record.status, record.failure_reason, record.version) == (
-        JobStatus.FAILED,
-        reason,
-        job.version + 1,
-    )
+    message = assert_guard_hit(cloud, job, arn, "max interruptions reached: 1 of 0")
     failed = [e["taskFailedEventDetails"]["error"] for e in cloud.task_events(arn, "TaskFailed")]
     assert failed == ["DynamoDB.InternalServerError", "DynamoDB.ConditionalCheckFailedException"]
     entered = cloud.entered_states(arn)
     assert "FailedLanded" in entered and "RefusedReason" not in entered
     assert ended(cloud.instance(job.instance_id))
-    (message,) = cloud.messages(job.job_id)
-    assert message["subject"] == f"trainctl: {job.job_id} FAILED"
-    assert (message["body"]["event"], message["body"]["failure_reason"]) == ("job-failed", reason)
     assert message["body"]["row_update_error"]["landed"] is True
 
 

@@ -23,6 +23,7 @@ from tests.workflow.conftest import (
     TOKEN_WRITE,
     Cloud,
     RowFault,
+    assert_guard_hit,
     ended,
     resource_of,
     tags_of,
@@ -321,28 +322,6 @@ def test_max_interruptions_reached_fails_the_job_without_launching(cloud: Cloud)
     assert message["body"]["failure_reason"] == record.failure_reason
 
 
-def _assert_guard_hit(cloud: Cloud, job: Job, arn: str, reason: str) -> None:
-    """A guard ended the job: FAILED with `reason`, alerted, nothing launched."""
-    described = cloud.wait(arn)
-    assert (described["status"], described["error"], described["cause"]) == (
-        "FAILED",
-        "trainctl.JobFailed",
-        reason,
-    )
-    record = cloud.store.get(job.job_id)
-    assert (record.status, record.failure_reason, record.version) == (
-        JobStatus.FAILED,
-        reason,
-        job.version + 1,
-    )
-    entered = cloud.entered_states(arn)
-    assert "Recover" not in entered and "MarkFailed" in entered
-    assert not [e for e in cloud.task_events(arn, "TaskScheduled") if resource_of(e) == "runInstances"]
-    (message,) = cloud.messages(job.job_id)
-    assert message["subject"] == f"trainctl: {job.job_id} FAILED"
-    assert (message["body"]["event"], message["body"]["failure_reason"]) == ("job-failed", reason)
-
-
 def test_wall_clock_limit_reached_fails_the_job(cloud: Cloud) -> None:
     pools = cloud.pools("m5.large")
     job = cloud.new_job(pools, limits=jobs.JobLimits(max_hours=0.0001))  # 0.36 s
@@ -351,7 +330,7 @@ def test_wall_clock_limit_reached_fails_the_job(cloud: Cloud) -> None:
     arn = cloud.start(cloud.workflow_input(job, "launch"))
 
     deadline = cloud.store.raw(job.job_id)["deadline_at"]
-    _assert_guard_hit(cloud, job, arn, f"max wall-clock reached: deadline {deadline} passed")
+    assert_guard_hit(cloud, job, arn, f"max wall-clock reached: deadline {deadline} passed")
     assert cloud.instances_of(job.job_id) == [] and cloud.faults.calls == []
 
 
@@ -367,7 +346,7 @@ def test_budget_reached_fails_the_job_and_ends_the_old_instance(cloud: Cloud) ->
     cloud.faults.forget()
     arn = cloud.start(cloud.workflow_input(job, "spot-warning"))
 
-    _assert_guard_hit(cloud, job, arn, "budget reached: cost 5.5 USD of 5.0 USD")
+    assert_guard_hit(cloud, job, arn, "budget reached: cost 5.5 USD of 5.0 USD")
     assert cloud.faults.calls == []
     assert cloud.replacements(job.job_id, job.attempt + 1) == []
     # The warned instance would otherwise run on (or come back from a stop) at our cost.
