@@ -365,19 +365,25 @@ class Agent:
         self._stop_for_terminate()
 
     def _stop_for_terminate(self) -> None:
-        child = self.child
-        if child is None or child.poll() is not None:
-            return
         # The child's checkpoint gets the grace period but the last few seconds, which are
         # for stopping it the hard way if it did not stop by itself after the checkpoint.
         budget = max(0.0, self.config.terminate_grace_seconds - self.config.stop_grace_seconds)
+        self._checkpoint_then_stop(SIGTERM_SOURCE, deadline_seconds=budget, wait_seconds=budget)
+
+    def _checkpoint_then_stop(self, source: str, *, deadline_seconds: float, wait_seconds: float) -> None:
+        """Ask the child for a checkpoint-then-stop due in `deadline_seconds`, give it
+        `wait_seconds` to stop by itself once that checkpoint is durable (and recorded),
+        then stop it in any case. Without a Checkpointer connected it is stopped at once."""
+        child = self.child
+        if child is None or child.poll() is not None:
+            return
         with self._lock:
             can_checkpoint = bool(self._checkpointers or self._signal_pids)
         if can_checkpoint:
-            deadline = jobs.format_time(self.now() + timedelta(seconds=budget))
-            self.notice(_Notice(stop=True, source=SIGTERM_SOURCE, deadline=deadline))
+            deadline = jobs.format_time(self.now() + timedelta(seconds=deadline_seconds))
+            self.notice(_Notice(stop=True, source=source, deadline=deadline))
             with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(budget)
+                child.wait(wait_seconds)
             if child.poll() is None:
                 logger.warning("training did not stop after its checkpoint in time: stopping it")
         else:
@@ -1159,23 +1165,10 @@ class Agent:
         return True
 
     def _stop_for_limit(self) -> None:
-        child = self.child
-        if child is None or child.poll() is not None:
-            return
         budget = self.config.urgent_timeout_seconds
-        with self._lock:
-            can_checkpoint = bool(self._checkpointers or self._signal_pids)
-        if can_checkpoint:
-            deadline = jobs.format_time(self.now() + timedelta(seconds=budget))
-            self.notice(_Notice(stop=True, source=LIMIT_SOURCE, deadline=deadline))
-            # The child stops by itself once its checkpoint is durable (and recorded).
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(budget + self.config.stop_grace_seconds)
-            if child.poll() is None:
-                logger.warning("training did not stop after its checkpoint in time: stopping it")
-        else:
-            logger.warning("the training process has no trainctl Checkpointer: stopping it without one")
-        self._stop_child()
+        self._checkpoint_then_stop(
+            LIMIT_SOURCE, deadline_seconds=budget, wait_seconds=budget + self.config.stop_grace_seconds
+        )
 
 
 LIMIT_SOURCE = "limit"
