@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -610,16 +611,25 @@ ckpt.close()
 """
 
 
-def test_checkpoint_now_fails_clearly_once_the_deadline_passes(
-    world: World, tmp_path: Any, capsys: Any
-) -> None:
-    # Given a training process whose checkpoint storage does not answer
+def _agent_with_stuck_storage(
+    world: World, tmp_path: Any
+) -> tuple[Agent, threading.Thread, dict[str, int], Path]:
+    """An agent running STUCK_CHILD for a new job, its Checkpointer connected; storage
+    hangs until the returned flag file is removed."""
     flag = tmp_path / "storage-down"
     flag.touch()
     world.add_job()
     agent = world.agent([sys.executable, "-c", STUCK_CHILD, str(flag)])
     thread, result = _run(agent)
     _until(lambda: agent._checkpointers, what="the Checkpointer to connect")
+    return agent, thread, result, flag
+
+
+def test_checkpoint_now_fails_clearly_once_the_deadline_passes(
+    world: World, tmp_path: Any, capsys: Any
+) -> None:
+    # Given a training process whose checkpoint storage does not answer
+    agent, thread, result, flag = _agent_with_stuck_storage(world, tmp_path)
     # When the SSM document asks for a checkpoint due 2 s from now (waiting up to 60 s)
     deadline = jobs.format_time(jobs.utcnow() + timedelta(seconds=2))
     argv = ["--job-id", JOB, "--socket", agent.config.socket_path, "--timeout", "60"]
@@ -1205,12 +1215,7 @@ def test_a_second_checkpoint_now_for_the_same_notice_gets_the_same_checkpoint(
     from trainctl.agent.ipc import request_checkpoint
 
     # Given a training process whose storage is slow, and a Spot notice's checkpoint-now
-    flag = tmp_path / "storage-down"
-    flag.touch()
-    world.add_job()
-    agent = world.agent([sys.executable, "-c", STUCK_CHILD, str(flag)])
-    thread, result = _run(agent)
-    _until(lambda: agent._checkpointers, what="the Checkpointer to connect")
+    agent, thread, result, flag = _agent_with_stuck_storage(world, tmp_path)
     deadline = jobs.format_time(jobs.utcnow() + timedelta(seconds=90))
     answers: list[dict[str, Any]] = []
 
